@@ -1,0 +1,102 @@
+"""Forward and forward+backward time and peak RSS of MiT-tiny/small on 2D (2,3,224,224) and 3D (2,1,16,96,96) inputs.
+
+Each (model, input, implementation) runs in its own subprocess so that peak RSS (ru_maxrss) belongs to it alone.
+Times: `--reps` repetitions after `--warmup`; the slowest quarter is dropped as interference and the median of the
+rest is reported. With `--official DIR` (a checkout's `UniMiSS/` folder of YtongXie/UniMiSS-code) the official model
+is measured in the same run, interleaved with ours, and the speed-up is reported as a ratio.
+
+    python bench/bench_mit.py [--threads 2] [--reps 15] [--official /path/to/UniMiSS] [--compile] [--json]
+"""
+import argparse, json, os, resource, statistics, subprocess, sys, time
+
+CONFIGS = [(a, d) for a in ('tiny', 'small') for d in (2, 3)]
+SHAPES = {2: (2, 3, 224, 224), 3: (2, 1, 16, 96, 96)}
+
+
+def robust_median(ts):
+    "Median after dropping the slowest quarter (scheduler/other-process interference only ever adds time)."
+    ts = sorted(ts)
+    return statistics.median(ts[:max(1, len(ts) - len(ts) // 4)])
+
+
+def build(impl, arch, official_dir):
+    import torch
+    if impl == 'official':
+        sys.path.insert(0, official_dir)
+        import contextlib, io
+        from models import MiT as off
+        with contextlib.redirect_stdout(io.StringIO()):   # the official factories print parameter counts
+            return getattr(off, f'model_{arch}')(norm2D='IN2', norm3D='IN3', act='LeakyReLU', ws=False,
+                                                  img_size2D=224, img_size3D=[16, 96, 96], modal_type='MM')
+    from unimiss.mit import mit_tiny, mit_small
+    m = {'tiny': mit_tiny, 'small': mit_small}[arch]()
+    return torch.compile(m) if impl == 'compiled' else m
+
+
+def worker(impl, arch, d, threads, warmup, reps, official_dir):
+    "Time one configuration in this process; print one JSON line."
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build(impl, arch, official_dir)
+    x = torch.randn(*SHAPES[d])
+    res = dict(impl=impl, arch=arch, dims=d)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(warmup): model(x)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter(); model(x); ts.append(time.perf_counter() - t)
+    res['fwd_s'] = robust_median(ts)
+    model.train()
+    for _ in range(warmup): model(x).sum().backward()
+    ts = []
+    for _ in range(reps):
+        model.zero_grad(set_to_none=True)
+        t = time.perf_counter(); model(x).sum().backward(); ts.append(time.perf_counter() - t)
+    res['fwd_bwd_s'] = robust_median(ts)
+    res['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res))
+
+
+def run(impl, arch, d, args):
+    cmd = [sys.executable, __file__, '--worker', impl, arch, str(d), '--threads', str(args.threads),
+           '--warmup', str(args.warmup), '--reps', str(args.reps)] + (['--official', args.official] if args.official else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--reps', type=int, default=15)
+    p.add_argument('--official', help="path to the official UniMiSS/ folder (contains models/MiT.py)")
+    p.add_argument('--compile', action='store_true', help="also measure torch.compile(model)")
+    p.add_argument('--json', action='store_true', help="print one JSON line per result instead of a table")
+    p.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, arch, d = args.worker
+        return worker(impl, arch, int(d), args.threads, args.warmup, args.reps, args.official)
+    if args.official and not os.path.isfile(os.path.join(args.official, 'models', 'MiT.py')):
+        p.error(f"--official {args.official}: models/MiT.py not found there")
+    impls = ['unimiss'] + (['compiled'] if args.compile else []) + (['official'] if args.official else [])
+    results = []
+    for arch, d in CONFIGS:
+        for impl in impls: results.append(run(impl, arch, d, args))
+    if args.json:
+        for r in results: print(json.dumps(r))
+        return
+    print(f"threads={args.threads} reps={args.reps} (median of the fastest 3/4), batch 2")
+    print(f"{'model':8}{'input':6}{'impl':10}{'fwd s':>9}{'fwd+bwd s':>11}{'peak RSS MB':>13}{'fwd×':>7}{'fwd+bwd×':>10}")
+    base = {(r['arch'], r['dims']): r for r in results if r['impl'] == 'official'}
+    for r in results:
+        b = base.get((r['arch'], r['dims']))
+        sp = f"{b['fwd_s'] / r['fwd_s']:7.2f}{b['fwd_bwd_s'] / r['fwd_bwd_s']:10.2f}" if b else ''
+        print(f"{r['arch']:8}{str(r['dims']) + 'D':6}{r['impl']:10}{r['fwd_s']:9.3f}{r['fwd_bwd_s']:11.3f}"
+              f"{r['peak_rss_mb']:13.0f}{sp}")
+
+
+if __name__ == '__main__':
+    main()
