@@ -1,0 +1,171 @@
+"""Time one full UniMiSS 3D pretraining step on the CPU.
+
+The step: MiT-tiny, 2 CT sub-volumes of 16x96x96 in two views (4 volumes) plus their 64 axial slices, a DINO head
+with 65,536 prototypes, the 4 cross-dimensional loss terms, backward, per-parameter clipping, AdamW and the EMA
+teacher update.
+
+    python bench/bench_pretrain.py --json                  # unimiss step, one JSON line
+    python bench/bench_pretrain.py --json --mode official  # the authors' step structure on the same backbone
+    python bench/bench_pretrain.py --json --mode compare   # both, alternating step by step in one process
+
+`--mode official` re-enacts how the authors' `main.py` runs the same step (separate teacher and student calls for
+volumes and slices, the 65,536-wide head on all 68 rows before averaging the slices, the centre moved inside each
+of the 4 loss terms, a for-loop AdamW, an EMA over all parameters), so that both step structures are timed with
+the same backbone on the same machine. `--mode compare` alternates the two step by step, so that a busy machine
+slows both alike; its speed-up is the ratio of the medians. Peak RSS is the process's maximum resident set size:
+compare memory with one mode per process.
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from unimiss.pretrain import SelfDistillation, build_backbone, load_config
+from unimiss.ssl import DINOLoss, clip_gradients, ema_update, param_groups
+
+
+def _now():
+    return time.perf_counter()
+
+
+def ours_step(sd, views, hp, times):
+    "The unimiss step (`SelfDistillation.step`) cut into phases, each timed (monitors and logging left out)."
+    d = 3
+    for g in sd.optimizer.param_groups:
+        g['lr'] = hp['lr']
+        if g['apply_wd']: g['weight_decay'] = hp['weight_decay']
+    t = _now()
+    inputs, groups = sd.inputs(views)
+    with sd.autocast():
+        with torch.no_grad(): t_out = sd.teacher(inputs, groups)
+        times['teacher_fwd'].append(_now() - t); t = _now()
+        s_out = sd.model(inputs, groups)
+    terms = sd.loss_terms(s_out, t_out, hp['teacher_temp'], d)
+    loss = sum(terms.values())
+    times['student_fwd'].append(_now() - t); t = _now()
+    if not torch.isfinite(loss): raise FloatingPointError('non-finite loss')
+    sd.backward(loss, d)
+    times['backward'].append(_now() - t); t = _now()
+    sd.optimizer.step()
+    times['adamw'].append(_now() - t); t = _now()
+    ema_update(sd.teacher, sd.student, hp['momentum'])
+    sd.loss.update_center(torch.cat(t_out))
+    times['ema_center'].append(_now() - t)
+    return float(loss.detach())
+
+
+class OfficialStyle:
+    "The authors' step structure around the same backbone and head (for a like-for-like comparison)."
+    def __init__(self, sd):
+        self.student, self.teacher, self.loss = sd.student, sd.teacher, DINOLoss(sd.cfg.out_dim)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0., foreach=False, fused=False)
+
+    @staticmethod
+    def net(m, x):
+        return m.head(m.backbone(x))  # whole head, every row
+
+    def loss_and_center(self, s, t, temp):
+        l = self.loss(s, t, temp)
+        self.loss.update_center(t)  # the official loss moves the centre in each call
+        return l
+
+    def step(self, views, hp, times):
+        for i, g in enumerate(self.optimizer.param_groups):
+            g['lr'] = hp['lr']
+            if i == 0: g['weight_decay'] = hp['weight_decay']
+        D = views[0].shape[2]
+        vols = torch.cat(views)
+        slices = torch.cat([v.reshape(-1, 1, *v.shape[-2:]).repeat_interleave(3, 1) for v in views])
+        t = _now()
+        t_v = self.net(self.teacher, vols)  # teacher params have requires_grad=False, as officially
+        t_s = self.net(self.teacher, slices).view(len(vols), D, -1).mean(1)
+        times['teacher_fwd'].append(_now() - t); t = _now()
+        s_v = self.net(self.student, vols)
+        s_s = self.net(self.student, slices).view(len(vols), D, -1).mean(1)
+        temp = hp['teacher_temp']
+        loss = (self.loss_and_center(s_v, t_v, temp) + self.loss_and_center(s_s, t_v, temp) +
+                self.loss_and_center(s_s, t_s, temp) + self.loss_and_center(s_v, t_s, temp))
+        times['student_fwd'].append(_now() - t); t = _now()
+        if not torch.isfinite(loss): raise FloatingPointError('non-finite loss')
+        self.optimizer.zero_grad()
+        loss.backward()
+        clip_gradients([p for p in self.student.parameters() if p.grad is not None], 0.3)
+        times['backward'].append(_now() - t); t = _now()
+        self.optimizer.step()
+        times['adamw'].append(_now() - t); t = _now()
+        with torch.no_grad():
+            m = hp['momentum']
+            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
+                pt.data.mul_(m).add_((1 - m) * ps.detach().data)
+        times['ema_center'].append(_now() - t)
+        return float(loss.detach())
+
+
+def compare(sd, views, hp, a):
+    "Alternate the unimiss and the official-style step; medians of each and their ratio."
+    official, ts = OfficialStyle(sd), {'unimiss': [], 'official': []}
+    scratch = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
+    for i in range(a.warmup + a.steps):
+        for name in ('unimiss', 'official'):
+            t = _now()
+            sd.step(views, **hp) if name == 'unimiss' else official.step(views, hp, scratch)
+            if i >= a.warmup: ts[name].append(_now() - t)
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    res = dict(bench='pretrain_3d_step', mode='compare', precision=a.precision, threads=a.threads, batch=a.batch,
+               out_dim=a.out_dim, steps=a.steps, s_per_step=round(med['unimiss'], 3),
+               s_per_step_official=round(med['official'], 3), speedup=round(med['official'] / med['unimiss'], 3),
+               s_per_step_all={k: [round(x, 3) for x in v] for k, v in ts.items()}, torch=torch.__version__)
+    print(json.dumps(res) if a.json else res)
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--mode', choices=['unimiss', 'official', 'compare'], default='unimiss')
+    p.add_argument('--precision', choices=['32', 'bf16'], default='32')
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--steps', type=int, default=5, help='timed steps (after --warmup untimed ones)')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--phase-steps', type=int, default=2, help='extra steps timed phase by phase (unimiss mode)')
+    p.add_argument('--batch', type=int, default=2, help='CT sub-volumes per step (each in 2 views)')
+    p.add_argument('--out-dim', type=int, default=65536)
+    p.add_argument('--json', action='store_true', help='print one JSON line')
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = load_config(arch='mit_tiny', out_dim=a.out_dim, batch_size_3d=a.batch, img_size_3d=(16, 96, 96),
+                      precision=a.precision, synthetic=1, num_workers=0, progress=False)
+    sd = SelfDistillation(build_backbone(cfg), cfg, 'cpu')
+    views = [torch.rand(a.batch, 1, 16, 96, 96) for _ in range(2)]
+    hp = dict(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
+    if a.mode == 'compare': return compare(sd, views, hp, a)
+    runner = OfficialStyle(sd) if a.mode == 'official' else None
+    times = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
+    totals = []
+    for i in range(a.warmup + a.steps):
+        t = _now()
+        loss = runner.step(views, hp, times) if runner else sd.step(views, **hp)['loss']
+        if i >= a.warmup: totals.append(_now() - t)
+        else:
+            for v in times.values(): v.clear()
+    if not runner:  # the same step again, cut into phases
+        for _ in range(a.phase_steps): ours_step(sd, views, hp, times)
+    res = dict(bench='pretrain_3d_step', mode=a.mode, precision=a.precision, threads=a.threads, batch=a.batch,
+               out_dim=a.out_dim, steps=a.steps, s_per_step=round(statistics.median(totals), 3),
+               s_per_step_min=round(min(totals), 3), steps_per_s=round(1 / statistics.median(totals), 3),
+               peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+               phases_s={k: round(statistics.median(v), 3) for k, v in times.items() if v}, loss=round(loss, 4),
+               torch=torch.__version__, cpu=platform.processor() or platform.machine())
+    if a.json: print(json.dumps(res))
+    else:
+        for k, v in res.items(): print(f"{k:>16}: {v}")
+    return res
+
+
+if __name__ == '__main__':
+    main()
