@@ -1,4 +1,4 @@
-"""Time one full UniMiSS 3D pretraining step on the CPU.
+"""Time one full UniMiSS 3D pretraining step on the CPU (or a GPU with `--device cuda`).
 
 The step: MiT-tiny, 2 CT sub-volumes of 16x96x96 in two views (4 volumes) plus their 64 axial slices, a DINO head
 with 65,536 prototypes, the 4 cross-dimensional loss terms, backward, per-parameter clipping, AdamW and the EMA
@@ -7,6 +7,8 @@ teacher update.
     python bench/bench_pretrain.py --json                  # unimiss step, one JSON line
     python bench/bench_pretrain.py --json --mode official  # the authors' step structure on the same backbone
     python bench/bench_pretrain.py --json --mode compare   # both, alternating step by step in one process
+    python bench/bench_pretrain.py --json --device cuda --precision bf16 [--compile] [--batch 24]
+    python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
 
 `--mode official` re-enacts how the authors' `main.py` runs the same step (separate teacher and student calls for
 volumes and slices, the 65,536-wide head on all 68 rows before averaging the slices, the centre moved inside each
@@ -30,6 +32,7 @@ from unimiss.ssl import DINOLoss, clip_gradients, ema_update, param_groups
 
 
 def _now():
+    if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -51,7 +54,8 @@ def ours_step(sd, views, hp, times):
     if not torch.isfinite(loss): raise FloatingPointError('non-finite loss')
     sd.backward(loss, d)
     times['backward'].append(_now() - t); t = _now()
-    sd.optimizer.step()
+    if sd.scaler: sd.scaler.step(sd.optimizer); sd.scaler.update()
+    else: sd.optimizer.step()
     times['adamw'].append(_now() - t); t = _now()
     ema_update(sd.teacher, sd.student, hp['momentum'])
     sd.loss.update_center(torch.cat(t_out))
@@ -124,10 +128,42 @@ def compare(sd, views, hp, a):
     return res
 
 
+def setup(a, batch):
+    "A `SelfDistillation` on `a.device` and two random views of `batch` CT sub-volumes."
+    cfg = load_config(arch='mit_tiny', out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
+                      precision=a.precision, synthetic=1, num_workers=0, progress=False)
+    sd = SelfDistillation(build_backbone(cfg), cfg, a.device)
+    if a.compile:
+        for net in (sd.student, sd.teacher): net.backbone = torch.compile(net.backbone)
+    return sd, [torch.rand(batch, 1, 16, 96, 96, device=a.device) for _ in range(2)]
+
+
+def max_batch(a, hp):
+    "Largest power-of-two multiple of `a.batch` whose step fits in GPU memory (two steps each)."
+    best, b = None, a.batch
+    while b <= 4096:
+        try:
+            sd, views = setup(a, b)
+            for _ in range(2): sd.step(views, **hp)
+            torch.cuda.synchronize(); best = b
+        except torch.OutOfMemoryError: break
+        finally:
+            sd = views = None; torch.cuda.empty_cache()
+        b *= 2
+    res = dict(bench='pretrain_3d_max_batch', precision=a.precision, compile=a.compile, out_dim=a.out_dim,
+               largest_batch=best, gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    print(json.dumps(res) if a.json else res)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--mode', choices=['unimiss', 'official', 'compare'], default='unimiss')
-    p.add_argument('--precision', choices=['32', 'bf16'], default='32')
+    p.add_argument('--precision', choices=['32', 'bf16', 'fp16'], default='32', help="'fp16' needs CUDA")
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU: times include a synchronize)")
+    p.add_argument('--compile', action='store_true', help='torch.compile the student and teacher backbones')
+    p.add_argument('--max-batch', action='store_true',
+                   help='instead of timing: double --batch until a step runs out of GPU memory; print the largest')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--steps', type=int, default=5, help='timed steps (after --warmup untimed ones)')
     p.add_argument('--warmup', type=int, default=2)
@@ -138,12 +174,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = load_config(arch='mit_tiny', out_dim=a.out_dim, batch_size_3d=a.batch, img_size_3d=(16, 96, 96),
-                      precision=a.precision, synthetic=1, num_workers=0, progress=False)
-    sd = SelfDistillation(build_backbone(cfg), cfg, 'cpu')
-    views = [torch.rand(a.batch, 1, 16, 96, 96) for _ in range(2)]
     hp = dict(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
+    if a.max_batch: return max_batch(a, hp)
+    sd, views = setup(a, a.batch)
     if a.mode == 'compare': return compare(sd, views, hp, a)
+    if a.device != 'cpu': torch.cuda.reset_peak_memory_stats()
     runner = OfficialStyle(sd) if a.mode == 'official' else None
     times = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
     totals = []
@@ -160,7 +195,10 @@ def main(argv=None):
                s_per_step_min=round(min(totals), 3), steps_per_s=round(1 / statistics.median(totals), 3),
                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
                phases_s={k: round(statistics.median(v), 3) for k, v in times.items() if v}, loss=round(loss, 4),
-               torch=torch.__version__, cpu=platform.processor() or platform.machine())
+               torch=torch.__version__, cpu=platform.processor() or platform.machine(), device=a.device,
+               compile=a.compile)
+    if a.device != 'cpu':
+        res.update(gpu=torch.cuda.get_device_name(), peak_gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 2**30, 3))
     if a.json: print(json.dumps(res))
     else:
         for k, v in res.items(): print(f"{k:>16}: {v}")
