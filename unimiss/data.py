@@ -7,6 +7,7 @@ Docs: https://unimiss.github.io/unimiss/data.html.md"""
 # %% ../nbs/02_data.ipynb #809bd6c4
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -28,9 +29,9 @@ from torch.utils.data import Dataset, get_worker_info
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'IMAGE_SUFFIXES', 'XRAY_VIEWS', 'CT_VIEWS', 'phantom_ct', 'phantom_xray', 'write_nifti', 'write_image',
-           'write_dicom', 'read_list_file', 'write_list_file', 'make_phantom_corpus', 'BadImageError', 'read_image',
-           'open_volume', 'hu_to_intensity', 'read_volume', 'cache_path', 'cache_volume', 'list_images',
+__all__ = ['logger', 'IMAGE_SUFFIXES', 'XRAY_VIEWS', 'CT_VIEWS', 'phantom_ct', 'phantom_xray', 'atomic_write', 'write_nifti',
+           'write_image', 'write_dicom', 'read_list_file', 'write_list_file', 'make_phantom_corpus', 'BadImageError',
+           'read_image', 'open_volume', 'hu_to_intensity', 'read_volume', 'cache_path', 'cache_volume', 'list_images',
            'blur_channels', 'XrayView', 'random_resized_crop_box', 'augment_xray', 'CTView', 'augment_ct_intensity',
            'ct_crop_box', 'augment_ct', 'MultiViewDataset', 'Dataset2D', 'Dataset3D', 'plot_views', 'slice_viewer']
 
@@ -126,24 +127,31 @@ def phantom_xray(size:int|tuple=256, # output (height, width), or one int for a 
     return np.clip(img / img.max(), 0, 1).astype(np.float32)
 
 # %% ../nbs/02_data.ipynb #17bcce62
-def _atomic_path(path:Path) -> Path:
-    "A temporary sibling of `path` that keeps its (possibly double) suffix, e.g. `.x.tmp123.nii.gz`."
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-def _write_atomic(path, write) -> Path:
-    "Call `write(tmp_path)` and move the result to `path` atomically; returns `path`."
+def atomic_write(path:str|Path, # destination file
+                 content, # bytes or str, or a function that writes the file at the path it is given
+                ) -> Path:
+    "Write `path` through a temporary sibling (same suffix, usual permissions), flushed to disk, then `os.replace`."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix  # writers pick the format by it
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
+        if callable(content): content(tmp)
+        else: tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        with open(tmp, "rb") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+@functools.cache
+def _umask() -> int:
+    "The process umask (read once, by setting and restoring it)."
+    mask = os.umask(0o022); os.umask(mask)
+    return mask
 
 def write_nifti(path:str|Path, # destination, `.nii` or `.nii.gz`
                 volume:np.ndarray, # (x, y, z) array, e.g. from `phantom_ct`; stored with its dtype
@@ -155,7 +163,7 @@ def write_nifti(path:str|Path, # destination, `.nii` or `.nii.gz`
         raise ValueError(f"write_nifti: {path}: expected an (x, y, z) volume, got shape {volume.shape}")
     img = nib.Nifti1Image(volume, np.diag([*map(float, spacing), 1.0]))
     img.header.set_data_dtype(volume.dtype)
-    return _write_atomic(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 def write_image(path:str|Path, # destination; the suffix picks the format (.png, .jpg, ...)
                 image:np.ndarray, # (H, W) float image in [0, 1]
@@ -173,7 +181,7 @@ def write_image(path:str|Path, # destination; the suffix picks the format (.png,
     if fmt is None:
         raise ValueError(f"write_image: {path}: unknown image suffix")
     options = dict(quality=95) if fmt == "JPEG" else {}
-    return _write_atomic(path, lambda tmp: Image.fromarray(ints).save(tmp, format=fmt, **options))
+    return atomic_write(path, lambda tmp: Image.fromarray(ints).save(tmp, format=fmt, **options))
 
 def write_dicom(path:str|Path, # destination .dcm file
                 image:np.ndarray, # (H, W) float image in [0, 1], displayed bone-bright
@@ -204,7 +212,7 @@ def write_dicom(path:str|Path, # destination .dcm file
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     ds.PixelData = pixels.tobytes()
-    return _write_atomic(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return atomic_write(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 # %% ../nbs/02_data.ipynb #6a00b88c
 def read_list_file(path:str|Path, # text file, one image path per line
@@ -231,7 +239,7 @@ def write_list_file(path:str|Path, # the list file to write
         if any(c.isspace() for c in rel):
             raise ValueError(f"write_list_file: {f}: paths in list files cannot contain whitespace")
         lines.append(rel)
-    return _write_atomic(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in lines)))
+    return atomic_write(path, lambda tmp: tmp.write_text("".join(l + "\n" for l in lines)))
 
 # %% ../nbs/02_data.ipynb #385fa404
 def make_phantom_corpus(folder:str|Path, # created if missing
@@ -415,7 +423,7 @@ def cache_volume(path:str|Path, # source NIfTI file
     def write(tmp):
         with open(tmp, "wb") as fh:
             np.save(fh, hu)
-    return _write_atomic(target, write)
+    return atomic_write(target, write)
 
 # %% ../nbs/02_data.ipynb #6c8b20f2
 def list_images(source:str|Path|Sequence, # folder, list file, or sequence of paths

@@ -189,15 +189,9 @@ def _toy_notebook(path:str|Path, fail:bool=False) -> Path:
 
 # %% ../nbs/06_experiments.ipynb #84334d27
 def _write_atomic(path:str|Path, data:str|bytes) -> Path:
-    "Write `data` to `path` through a temporary file in the same folder and `os.replace`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    return path
+    "`unimiss.data.atomic_write`, imported on first use so that the runner's command line starts without torch."
+    from unimiss.data import atomic_write
+    return atomic_write(path, data)
 
 def _plain(x):
     "JSON/YAML-friendly copy of `x` (paths, tuples, numpy and torch scalars converted)."

@@ -8,13 +8,11 @@ Docs: https://unimiss.github.io/unimiss/preprocess.html.md"""
 from __future__ import annotations
 import argparse
 import fnmatch
-import functools
 import gzip
 import io
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,15 +23,14 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .data import IMAGE_SUFFIXES, read_image, write_image, write_list_file
+from .data import IMAGE_SUFFIXES, atomic_write, read_image, write_image, write_list_file
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'reorient', 'load_volume', 'read_array', 'resample_array', 'resample', 'tile_starts', 'center_slices',
-           'atomic_write_bytes', 'save_nifti', 'check_volume', 'preprocess_volume', 'find_files', 'case_name',
-           'is_excluded', 'read_patterns', 'preprocess_ct', 'read_radiograph', 'resize_image', 'save_mask_png',
-           'prepare_xrays', 'build_parser', 'main']
+           'save_nifti', 'check_volume', 'preprocess_volume', 'find_files', 'case_name', 'is_excluded', 'read_patterns',
+           'preprocess_ct', 'read_radiograph', 'resize_image', 'save_mask_png', 'prepare_xrays', 'build_parser', 'main']
 
 # %% ../nbs/02a_preprocess.ipynb #19998f93
 def reorient(img:nib.spatialimages.SpatialImage, # a 3D nibabel image
@@ -126,28 +123,6 @@ def center_slices(shape:Sequence[int], # in-plane shape
     return tuple(slice(int(n * m + eps), int(n * (1 - m) + eps)) for n in shape)
 
 # %% ../nbs/02a_preprocess.ipynb #4679d1a0
-def atomic_write_bytes(path:str|Path, # destination file
-                       data:bytes, # content
-                      ) -> Path:
-    "Write `data` to `path` through a temporary file in the same folder and `os.replace`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp creates 0600 files; use the usual permissions
-        with os.fdopen(fd, "wb") as f: f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-@functools.cache
-def _umask() -> int:
-    "The process umask (read once, by setting and restoring it)."
-    mask = os.umask(0o022); os.umask(mask)
-    return mask
-
 def save_nifti(arr:np.ndarray, # the voxel data
                affine:np.ndarray, # 4x4 voxel-to-scanner affine
                path:str|Path, # .nii or .nii.gz destination
@@ -162,7 +137,7 @@ def save_nifti(arr:np.ndarray, # the voxel data
     img.header.set_xyzt_units("mm")
     data = img.to_bytes()
     if str(path).endswith(".gz"): data = gzip.compress(data, compresslevel=1, mtime=0)
-    return atomic_write_bytes(path, data)
+    return atomic_write(path, data)
 
 # %% ../nbs/02a_preprocess.ipynb #044113bc
 def check_volume(arr:np.ndarray, # voxel data
@@ -309,7 +284,7 @@ def _case_job(src, out_dir, case, label, params, record_path):
     rec = preprocess_volume(src, out_dir, case=case, label=label, **params)
     st = Path(src).stat()
     rec.update(params=params, source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
-    atomic_write_bytes(record_path, json.dumps(rec, indent=1).encode())
+    atomic_write(record_path, json.dumps(rec, indent=1).encode())
     return rec
 
 def _record_if_done(record_path:Path, src:Path, params:dict, out_dir:Path) -> dict|None:
@@ -368,7 +343,7 @@ def preprocess_ct(src:str|Path, # folder of CT volumes (NIfTI, HU), searched rec
     outputs = [out_dir / o for r in ordered for o in r["outputs"]]
     manifest = dict(params=params, source_dir=str(src), excluded=list(exclude), n_cases=len(ordered),
                     n_subvolumes=len(outputs), cases=ordered, failed=failed)
-    atomic_write_bytes(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
     write_list_file(out_dir / list_name, outputs, list_root)
     if failed: logger.warning("%d of %d cases failed and were skipped (listed in %s)", len(failed), len(kept), out_dir / "manifest.json")
     return manifest
@@ -405,7 +380,7 @@ def save_mask_png(mask:np.ndarray, # (H, W) integer label mask (uint8 or uint16)
     "Save an integer mask as a PNG atomically, values unchanged."
     if mask.dtype not in (np.uint8, np.uint16): raise ValueError(f"{path}: masks must be uint8 or uint16, got {mask.dtype}")
     buf = io.BytesIO(); Image.fromarray(mask).save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 # %% ../nbs/02a_preprocess.ipynb #b6f8e723
 def _xray_job(src, dst, size, bits, keep_aspect, labels):

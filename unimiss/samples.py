@@ -28,8 +28,8 @@ import numpy as np
 import platformdirs
 from tqdm.auto import tqdm
 
-from .data import write_image, write_list_file
-from .preprocess import (atomic_write_bytes, load_volume, prepare_xrays, preprocess_ct, resample_array,
+from .data import atomic_write, write_image, write_list_file
+from .preprocess import (load_volume, prepare_xrays, preprocess_ct, resample_array,
                                 resize_image, save_mask_png)
 
 logger = logging.getLogger(__name__)
@@ -284,13 +284,13 @@ def prepare_samples(root:str|Path|None=None, # cache folder, see `data_dir`
                  br35h=write_list_file(root / "br35h_list.txt", br35h, root),
                  all2d=write_list_file(root / "2d_list.txt", real + [d["image"] for d in drrs] + br35h, root))
     rows = "".join(f"{p.relative_to(root).as_posix()},{int(p.parent.name == 'yes')}\n" for p in br35h)
-    atomic_write_bytes(root / "br35h_labels.csv", ("path,tumour\n" + rows).encode())
+    atomic_write(root / "br35h_labels.csv", ("path,tumour\n" + rows).encode())
     summary = dict(sources={n: dict(requirement=s.requirement, wheel=s.wheel, sha256=s.sha256, size=s.size, licence=s.licence)
                             for n, s in SOURCES.items()},
                    counts=dict(ct_subvolumes=ct["n_subvolumes"], drr=len(drrs), real_xray=len(real), br35h=len(br35h)),
                    drr=[dict(image=d["image"].relative_to(root).as_posix(), angle_deg=d["angle_deg"]) for d in drrs],
                    lists={k: v.relative_to(root).as_posix() for k, v in lists.items()})
-    atomic_write_bytes(root / "samples.json", json.dumps(summary, indent=1).encode())
+    atomic_write(root / "samples.json", json.dumps(summary, indent=1).encode())
     logger.info("sample corpus ready in %s (%.1f s): %s", root, time.perf_counter() - t0, summary["counts"])
     return dict(root=root, **lists)
 

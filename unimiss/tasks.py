@@ -6,7 +6,7 @@ Docs: https://unimiss.github.io/unimiss/tasks.html.md"""
 
 # %% ../nbs/05a_tasks.ipynb #e78ca04d
 from __future__ import annotations
-import csv, dataclasses, fnmatch, functools, json, logging, math, os, tempfile, time
+import csv, dataclasses, fnmatch, functools, json, logging, math, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from .data import read_image, hu_to_intensity
+from .data import atomic_write, hu_to_intensity, read_image
 from .finetune import ARCHS, build_model, deep_supervision_weights
 from .preprocess import load_volume, resample_array
 
@@ -833,18 +833,9 @@ def poly_lr(base:float, it:int, total:int, power:float=0.9) -> float:
     "The poly schedule of the official scripts: `base · (1 − it/total)^power`."
     return base * (1 - min(it, total) / total) ** power
 
-def _write_atomic(path:Path, write:Callable[[Path], Any]) -> Path:
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent); os.close(fd)
-    try:
-        write(Path(tmp)); os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.unlink(tmp)
-    return path
-
 def save_checkpoint(path:str|Path, model:nn.Module, **extra) -> Path:
     "Atomically save `model`'s weights with `extra` plain values (epoch, metric, config)."
-    return _write_atomic(path, lambda t: torch.save(dict(model=model.state_dict(), **extra), t))
+    return atomic_write(path, lambda t: torch.save(dict(model=model.state_dict(), **extra), t))
 
 def _autocast(device:torch.device, precision:str):
     if precision == '32': return torch.autocast(device.type, enabled=False)
@@ -916,7 +907,7 @@ def _overlay_example(name, image, label, pred, multilabel) -> dict:
 
 # %% ../nbs/05a_tasks.ipynb #b4226ac7
 def _save_figure(fig, path:Path) -> Path:
-    return _write_atomic(path, lambda t: fig.savefig(t, format='png', dpi=100, bbox_inches='tight'))
+    return atomic_write(path, lambda t: fig.savefig(t, format='png', dpi=100, bbox_inches='tight'))
 
 def plot_history(history:Sequence[Mapping], metric:str, path:str|Path) -> Path:
     "Training loss and validation `metric` per epoch."
@@ -967,7 +958,7 @@ def _write_csv(path:Path, rows:Sequence[Mapping]) -> Path:
     def write(t):
         with open(t, 'w', newline='') as f:
             w = csv.DictWriter(f, cols); w.writeheader(); w.writerows(rows)
-    return _write_atomic(path, write)
+    return atomic_write(path, write)
 
 def _json_safe(x):
     if isinstance(x, float) and not math.isfinite(x): return None
@@ -989,7 +980,7 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
     "Fine-tune and evaluate one protocol; writes the run's files to `out_dir` and returns its metrics."
     cfg = load_config(config)
     pr, out, t0 = PROTOCOLS[cfg.protocol], Path(cfg.out_dir), time.perf_counter()
-    _write_atomic(out / 'config.yaml', lambda t: t.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    atomic_write(out / 'config.yaml', lambda t: t.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     set_determinism(cfg.seed)
     device = resolve_device(cfg.device)
     if cfg.precision == 'fp16' and device.type != 'cuda': raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or '32'")
@@ -1017,7 +1008,7 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
                    epochs_run=len(history), cases=counts, **summary,
                    train_seconds=round(best['seconds'], 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
                    total_seconds=round(time.perf_counter() - t0, 2))
-    _write_atomic(out / 'metrics.json', lambda t: t.write_text(json.dumps(_json_safe(metrics), indent=1)))
+    atomic_write(out / 'metrics.json', lambda t: t.write_text(json.dumps(_json_safe(metrics), indent=1)))
     _write_csv(out / 'cases.csv', rows)
     _write_csv(out / 'history.csv', history)
     plot_history(history, pr.selection_metric, out / 'figures' / 'training_curves.png')
@@ -1078,7 +1069,7 @@ def train(model:nn.Module, protocol:Protocol, cfg:FinetuneConfig, train_ds:CaseD
             log.info("early stopping at epoch %d: no improvement of validation %s for %d evaluations", epoch, metric, cfg.patience)
             break
     if best['epoch'] is None:  # no (usable) validation: the last model is the selected one
-        _write_atomic(ckpt / 'best.pt', lambda t: t.write_bytes((ckpt / 'last.pt').read_bytes()))
+        atomic_write(ckpt / 'best.pt', lambda t: t.write_bytes((ckpt / 'last.pt').read_bytes()))
     best['seconds'] = time.perf_counter() - t0
     return history, best
 
