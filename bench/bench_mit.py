@@ -2,10 +2,17 @@
 
 Each (model, input, implementation) runs in its own subprocess so that peak RSS (ru_maxrss) belongs to it alone.
 Times: `--reps` repetitions after `--warmup`; the slowest quarter is dropped as interference and the median of the
-rest is reported. With `--official DIR` (a checkout's `UniMiSS/` folder of YtongXie/UniMiSS-code) the official model
+rest is taken. This is done in `--rounds` separate processes per configuration, alternating which implementation
+goes first, and the median over the rounds is reported (a burst of load on a shared machine spoils one process, not
+the result). With `--official DIR` (a checkout's `UniMiSS/` folder of YtongXie/UniMiSS-code) the official model
 is measured in the same run, interleaved with ours, and the speed-up is reported as a ratio.
 
-    python bench/bench_mit.py [--threads 2] [--reps 15] [--official /path/to/UniMiSS] [--compile] [--json]
+With `--bound` it also counts the FLOPs of one forward+backward (convolutions and matrix products; attention is not
+counted, so the bound is conservative) and divides them by the best matrix-product rate this machine reaches at
+`--threads` (square and MiT-shaped sgemm, measured in the run): no implementation of the same arithmetic can be
+faster than that. The table then shows how much faster than the official model any implementation could be.
+
+    python bench/bench_mit.py [--threads 2] [--reps 15] [--official /path/to/UniMiSS] [--compile] [--bound] [--json]
 """
 import argparse, json, os, resource, statistics, subprocess, sys, time
 
@@ -59,6 +66,39 @@ def worker(impl, arch, d, threads, warmup, reps, official_dir):
     print(json.dumps(res))
 
 
+def gemm_peak(threads, reps=10):
+    "Best float32 matrix-product rate (GFLOP/s) over a square and some MiT-shaped products, at `threads` threads."
+    import torch
+    torch.set_num_threads(threads)
+    best = 0.
+    for m, k, n in [(2048, 2048, 2048), (6272, 48, 192), (1568, 128, 512), (392, 256, 1024), (9216, 48, 192)]:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3): a @ b
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter(); a @ b; ts.append(time.perf_counter() - t)
+        best = max(best, 2 * m * k * n / min(ts) / 1e9)
+    return best
+
+
+def count_flops(impl, arch, d, official_dir):
+    "FLOPs of `model(x).sum().backward()` counted by torch's FlopCounterMode (SDPA on the CPU is not counted)."
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    model, x = build(impl, arch, official_dir).train(), torch.randn(*SHAPES[d])
+    with FlopCounterMode(display=False) as fc: model(x).sum().backward()
+    return fc.get_total_flops()
+
+
+def combine(rounds):
+    "One result from the per-process results of a configuration: medians over the rounds (each kept in `*_rounds`)."
+    r = dict(rounds[0])
+    for k in ('fwd_s', 'fwd_bwd_s', 'peak_rss_mb'):
+        r[f'{k}_rounds'] = [x[k] for x in rounds]
+        r[k] = statistics.median(r[f'{k}_rounds'])
+    return r
+
+
 def run(impl, arch, d, args):
     cmd = [sys.executable, __file__, '--worker', impl, arch, str(d), '--threads', str(args.threads),
            '--warmup', str(args.warmup), '--reps', str(args.reps)] + (['--official', args.official] if args.official else [])
@@ -71,8 +111,11 @@ def main():
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--reps', type=int, default=15)
+    p.add_argument('--rounds', type=int, default=3,
+                   help="separate processes per configuration and implementation; medians over them are reported")
     p.add_argument('--official', help="path to the official UniMiSS/ folder (contains models/MiT.py)")
     p.add_argument('--compile', action='store_true', help="also measure torch.compile(model)")
+    p.add_argument('--bound', action='store_true', help="also report the FLOP lower bound (see above)")
     p.add_argument('--json', action='store_true', help="print one JSON line per result instead of a table")
     p.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -84,11 +127,22 @@ def main():
     impls = ['unimiss'] + (['compiled'] if args.compile else []) + (['official'] if args.official else [])
     results = []
     for arch, d in CONFIGS:
-        for impl in impls: results.append(run(impl, arch, d, args))
+        rounds = {impl: [] for impl in impls}
+        for k in range(args.rounds):   # alternate the order so that neither side always runs first
+            for impl in (impls if k % 2 == 0 else impls[::-1]): rounds[impl].append(run(impl, arch, d, args))
+        for impl in impls: results.append(combine(rounds[impl]))
+    if args.bound:
+        peak = gemm_peak(args.threads)
+        for r in results:
+            if r['impl'] == 'compiled': continue
+            r['gflop_fwd_bwd'] = count_flops(r['impl'], r['arch'], r['dims'], args.official) / 1e9
+            r['gemm_peak_gflops'] = peak
+            r['bound_s'] = r['gflop_fwd_bwd'] / peak
     if args.json:
         for r in results: print(json.dumps(r))
         return
-    print(f"threads={args.threads} reps={args.reps} (median of the fastest 3/4), batch 2")
+    print(f"threads={args.threads} reps={args.reps} (median of the fastest 3/4), batch 2, median of {args.rounds} "
+          f"processes each (order alternating)")
     print(f"{'model':8}{'input':6}{'impl':10}{'fwd s':>9}{'fwd+bwd s':>11}{'peak RSS MB':>13}{'fwd×':>7}{'fwd+bwd×':>10}")
     base = {(r['arch'], r['dims']): r for r in results if r['impl'] == 'official'}
     for r in results:
@@ -96,6 +150,15 @@ def main():
         sp = f"{b['fwd_s'] / r['fwd_s']:7.2f}{b['fwd_bwd_s'] / r['fwd_bwd_s']:10.2f}" if b else ''
         print(f"{r['arch']:8}{str(r['dims']) + 'D':6}{r['impl']:10}{r['fwd_s']:9.3f}{r['fwd_bwd_s']:11.3f}"
               f"{r['peak_rss_mb']:13.0f}{sp}")
+    if args.bound:
+        print(f"\nFLOP bound: best sgemm rate here {peak:.0f} GFLOP/s at {args.threads} threads; counted FLOPs exclude attention")
+        print(f"{'model':8}{'input':6}{'impl':10}{'GFLOP':>8}{'bound s':>9}{'measured s':>12}{'official s / bound s':>22}")
+        for r in results:
+            if 'bound_s' not in r: continue
+            b = base.get((r['arch'], r['dims']))
+            ceiling = f"{b['fwd_bwd_s'] / r['bound_s']:22.2f}" if b else ''
+            print(f"{r['arch']:8}{str(r['dims']) + 'D':6}{r['impl']:10}{r['gflop_fwd_bwd']:8.2f}{r['bound_s']:9.3f}"
+                  f"{r['fwd_bwd_s']:12.3f}{ceiling}")
 
 
 if __name__ == '__main__':

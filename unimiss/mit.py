@@ -87,10 +87,11 @@ class SpatialReductionAttention(nn.Module):
 
     def forward(self, x:torch.Tensor, # (B, 1 + N, C), CLS first
                 grid:Sequence[int], # patch-token grid, prod(grid) == N
-                return_attn:bool=False): # also return the (B, heads, 1 + N, 1 + M) attention
+                return_attn:bool=False, # also return the (B, heads, 1 + N, 1 + M) attention
+                cls_only:bool=False): # only the CLS token attends (output (B, 1, C)); keys/values still see all tokens
         B, N, C = x.shape
-        h = self.num_heads
-        q = self.q(x).reshape(B, N, h, C // h).transpose(1, 2)
+        h, Nq = self.num_heads, 1 if cls_only else N
+        q = self.q(x[:, :Nq]).reshape(B, Nq, h, C // h).transpose(1, 2)
         if self.sr_ratio > 1:
             reduced = map_to_tokens(self.sr[dim_key(len(grid))](tokens_to_map(x[:, 1:], grid)))
             x = self.norm(torch.cat([x[:, :1], reduced], dim=1))
@@ -99,7 +100,7 @@ class SpatialReductionAttention(nn.Module):
             attn = (q @ k.transpose(-2, -1) * (C // h) ** -0.5).softmax(-1)
             out = attn @ v
         else: out = F.scaled_dot_product_attention(q, k, v)
-        out = self.proj(out.transpose(1, 2).reshape(B, N, C))
+        out = self.proj(out.transpose(1, 2).reshape(B, Nq, C))
         return (out, attn) if return_attn else out
 
 # %% ../nbs/00_mit.ipynb #dcf8dc8a
@@ -132,10 +133,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, grid, return_attn=False):
-        a = self.attn(self.norm1(x), grid, return_attn)
+    def forward(self, x, grid, return_attn=False,
+                cls_only=False): # compute only the CLS row of the output, (B, 1, C)
+        a = self.attn(self.norm1(x), grid, return_attn, cls_only)
         a, attn = a if return_attn else (a, None)
-        x = x + self.drop_path(a)
+        x = (x[:, :1] if cls_only else x) + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return (x, attn) if return_attn else x
 
@@ -179,14 +181,16 @@ class EncoderStage(nn.Module):
         t, attn = run_blocks(self.blocks, t, grid, return_attn)
         return t[:, :1], tokens_to_map(t[:, 1:], grid), attn
 
-def run_blocks(blocks, t, grid, return_attn=False):
+def run_blocks(blocks, t, grid, return_attn=False,
+               cls_only=False): # the last block computes only the CLS row
     "Run transformer `blocks` on tokens `t`; collect each block's attention if `return_attn`."
     attn = [] if return_attn else None
-    for blk in blocks:
+    for i, blk in enumerate(blocks):
+        last_cls = cls_only and i == len(blocks) - 1
         if return_attn:
-            t, a = blk(t, grid, True)
+            t, a = blk(t, grid, True, last_cls)
             attn.append(a)
-        else: t = blk(t, grid)
+        else: t = blk(t, grid, cls_only=last_cls)
     return t, attn
 
 class DecoderStage(nn.Module):
@@ -204,15 +208,16 @@ class DecoderStage(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims)
                                      for i in range(depth)])
 
-    def forward(self, x, cls, skip, return_attn=False):
+    def forward(self, x, cls, skip, return_attn=False,
+                cls_only=False): # the last block computes only the CLS token; the feature map comes back as None
         "`x`: (B, C_in, *grid), `skip`: encoder map at twice the grid → (CLS, feature map like `skip`, attention)."
         key = dim_key(x.ndim - 2)
         x = self.up[key](x)
         grid = tuple(x.shape[2:])
         t = torch.cat([self.cls_proj(cls), map_to_tokens(x) + map_to_tokens(skip)], dim=1)
         t = t + resize_pos_embed(self.pos_embed[key], self.pos_grids[key], grid)
-        t, attn = run_blocks(self.blocks, t, grid, return_attn)
-        return t[:, :1], tokens_to_map(t[:, 1:], grid), attn
+        t, attn = run_blocks(self.blocks, t, grid, return_attn, cls_only)
+        return t[:, :1], None if cls_only else tokens_to_map(t[:, 1:], grid), attn
 
 # %% ../nbs/00_mit.ipynb #57751212
 class EncoderOutput(NamedTuple):
@@ -326,15 +331,23 @@ class MiT(nn.Module):
         "Encoder and decoder feature maps (coarse to fine) and the final-normed CLS token."
         enc = self.forward_encoder(x)
         if not self.decoder_stages: return FeatureOutput(enc.maps, [], enc.cls)
+        cls, dec = self._decode(enc)
+        return FeatureOutput(enc.maps, dec, cls)
+
+    def _decode(self, enc:EncoderOutput, cls_only:bool=False):
+        "Decoder stages on the encoder output → (final-normed CLS, decoder maps); `cls_only`: no last map (None)."
         x, cls, dec = enc.maps[-1], enc.cls[:, None], []
         for j, stage in enumerate(self.decoder_stages):
-            cls, x, _ = stage(x, cls, enc.maps[-2 - j])
+            cls, x, _ = stage(x, cls, enc.maps[-2 - j], cls_only=cls_only and j == len(self.decoder_stages) - 1)
             dec.append(x)
-        return FeatureOutput(enc.maps, dec, self.norm(cls[:, 0]))
+        return self.norm(cls[:, 0]), dec
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         "`x`: (B, 3, H, W) X-ray or (B, 1, D, H, W) CT → (B, `embed_dim`) CLS embedding."
-        return self.forward_features(x).cls
+        enc = self.forward_encoder(x)
+        if not self.decoder_stages: return enc.cls
+        # only the CLS token leaves the model: the last block runs its queries, projection and MLP on that row alone
+        return self._decode(enc, cls_only=True)[0]
 
     def dim_specific_parameters(self, d:int) -> list:
         "`(name, parameter)` pairs used only by `d`-D inputs (the SPE branch `d`); all others are shared."
