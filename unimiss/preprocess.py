@@ -24,6 +24,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .data import IMAGE_SUFFIXES, atomic_write, read_image, write_image, write_list_file
+from .readers import DicomSeries, NIFTI_SUFFIXES, find_ct_sources, match_labels, read_volume, source_signature, volume_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,14 @@ def reorient(img:nib.spatialimages.SpatialImage, # a 3D nibabel image
     current = nib.orientations.io_orientation(img.affine)
     return img.as_reoriented(nib.orientations.ornt_transform(current, target))
 
-def load_volume(path:str|Path, # a 3D NIfTI file (.nii or .nii.gz)
+def load_volume(path:str|Path|DicomSeries, # a 3D NIfTI, MetaImage or NRRD file, or a DICOM series (see `unimiss.readers`)
                 axcodes:str="RAS", # canonical orientation to reorient to
                 dtype=np.float32, # dtype of the loaded data (None: as stored, e.g. for label maps)
                ) -> nib.Nifti1Image:
-    "Load a 3D NIfTI image into memory (a trailing singleton 4th axis is dropped), reoriented to `axcodes`."
+    "Load a 3D image into memory (a trailing singleton 4th axis is dropped), reoriented to `axcodes`."
+    if isinstance(path, DicomSeries) or not str(path).lower().endswith(NIFTI_SUFFIXES):
+        img = read_volume(path, dtype)   # in memory already, RAS affine, HU for DICOM
+        return reorient(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), axcodes)
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
     try: img = nib.load(path)
@@ -150,7 +154,7 @@ def check_volume(arr:np.ndarray, # voxel data
     if lo == hi: raise ValueError(f"{path}: constant volume (every voxel is {lo})")
     return lo, hi
 
-def preprocess_volume(src:str|Path, # CT volume (NIfTI, HU)
+def preprocess_volume(src:str|Path|DicomSeries, # CT volume in HU: NIfTI, MetaImage, NRRD, or a DICOM series
                       out_dir:str|Path, # output folder; sub-volumes are written as `<case>_dep<k>.nii.gz`
                       case:str|None=None, # output name stem; default: the file name without extension
                       label:str|Path|None=None, # optional label map on the same grid, written to `out_dir/labels/`
@@ -162,14 +166,14 @@ def preprocess_volume(src:str|Path, # CT volume (NIfTI, HU)
                       hu_min:float|None=-1024.0, # clip HU below this before resampling (None: no clipping)
                      ) -> dict:
     "Resample one CT volume, tile it into sub-volumes, write them; return the manifest record."
-    src, out_dir = Path(src), Path(out_dir)
+    src, out_dir = src if isinstance(src, DicomSeries) else Path(src), Path(out_dir)
     if axcodes[-1] not in "SI": raise ValueError(f"axcodes={axcodes!r}: the last axis must be S or I (axial tiling)")
-    case = case or _stem(src)
+    case = case or (src.name if isinstance(src, DicomSeries) else _stem(src))
     img = load_volume(src, axcodes)
     arr = np.asarray(img.dataobj)   # the in-memory float32 array: clipping below changes `img` too
     hu_range = check_volume(arr, src)
     if hu_min is not None: np.maximum(arr, hu_min, out=arr)
-    on_disk = nib.load(src)   # header only: the shape, voxel size and orientation as stored
+    src_shape, src_affine, src_zooms = volume_geometry(src)   # headers only: shape, voxel size and orientation as stored
     res = resample(img, spacing)
     lab = None
     if label is not None:
@@ -194,9 +198,10 @@ def preprocess_volume(src:str|Path, # CT volume (NIfTI, HU)
             ldtype = np.uint8 if np.asarray(ltile.dataobj).max() < 256 else np.int16
             save_nifti(np.asarray(ltile.dataobj), ltile.affine, out_dir / "labels" / name, ldtype)
             label_outputs.append(f"labels/{name}")
-    return dict(case=case, source=str(src), label=None if label is None else str(label),
-                source_shape=list(on_disk.shape[:3]), source_spacing=[float(z) for z in on_disk.header.get_zooms()[:3]],
-                source_axcodes="".join(nib.aff2axcodes(on_disk.affine)),
+    return dict(case=case, source=src.folder if isinstance(src, DicomSeries) else str(src), label=None if label is None else str(label),
+                **(dict(dicom=src.record()) if isinstance(src, DicomSeries) else {}),
+                source_shape=list(src_shape), source_spacing=[float(z) for z in src_zooms],
+                source_axcodes="".join(nib.aff2axcodes(src_affine)),
                 axcodes=axcodes, spacing=[float(s) for s in spacing], shape=list(res.shape),
                 crop=[[s.start, s.stop] for s in xy], hu_range=list(hu_range), tile_starts=starts,
                 outputs=outputs, label_outputs=label_outputs)
@@ -282,22 +287,22 @@ def _call_batch(fn, jobs):
 def _case_job(src, out_dir, case, label, params, record_path):
     "Process one case and write its record (the marker that the case is complete)."
     rec = preprocess_volume(src, out_dir, case=case, label=label, **params)
-    st = Path(src).stat()
-    rec.update(params=params, source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
+    size, mtime_ns = source_signature(src)
+    rec.update(params=params, source_size=size, source_mtime_ns=mtime_ns)
     atomic_write(record_path, json.dumps(rec, indent=1).encode())
     return rec
 
-def _record_if_done(record_path:Path, src:Path, params:dict, out_dir:Path) -> dict|None:
+def _record_if_done(record_path:Path, src:Path|DicomSeries, params:dict, out_dir:Path) -> dict|None:
     "The case's record if it is complete and up to date, else None."
     if not record_path.is_file(): return None
     try: rec = json.loads(record_path.read_text())
     except ValueError: return None
-    st = src.stat()
-    if rec.get("params") != params or rec.get("source_size") != st.st_size or rec.get("source_mtime_ns") != st.st_mtime_ns: return None
+    size, mtime_ns = source_signature(src)
+    if rec.get("params") != params or rec.get("source_size") != size or rec.get("source_mtime_ns") != mtime_ns: return None
     if not all((out_dir / o).is_file() for o in rec["outputs"] + rec["label_outputs"]): return None
     return rec
 
-def preprocess_ct(src:str|Path, # folder of CT volumes (NIfTI, HU), searched recursively, or one file
+def preprocess_ct(src:str|Path, # folder of CT data (NIfTI, MetaImage, NRRD, DICOM series; HU), searched recursively, or one file
                   out_dir:str|Path, # output folder for the sub-volumes, manifest and list file
                   spacing:Sequence[float]=(1.0, 1.0, 3.0), # target voxel size (mm) along x, y, z (R, A, S)
                   tile_depth:int=24, # slices per sub-volume
@@ -305,13 +310,14 @@ def preprocess_ct(src:str|Path, # folder of CT volumes (NIfTI, HU), searched rec
                   keep_fraction:float=0.8, # central in-plane fraction kept
                   axcodes:str="RAS", # canonical orientation (last axis S or I)
                   hu_min:float|None=-1024.0, # clip HU below this before resampling (None: keep)
-                  labels:str|Path|None=None, # optional folder of label maps with the same relative paths as `src`
+                  labels:str|Path|None=None, # optional folder of label maps, matched by name and grid (see `match_labels`)
                   exclude:Sequence[str]=(), # shell-style patterns of cases to leave out (case name or relative path)
                   list_name:str="ct_list.txt", # list file written in `out_dir`
                   list_root:str|Path|None=None, # list entries are relative to this folder (default `out_dir`)
                   num_workers:int=0, # worker processes (0: in this process)
                   on_error:str="raise", # "raise" or "skip" (log, record in the manifest, go on)
                   progress:bool=True, # show a progress bar
+                  modality:str|None="CT", # DICOM series of another modality are skipped (None: keep all)
                  ) -> dict:
     "Preprocess a folder of CT volumes into sub-volumes; write `manifest.json` and the list file; return the manifest."
     if on_error not in ("raise", "skip"): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -319,17 +325,19 @@ def preprocess_ct(src:str|Path, # folder of CT volumes (NIfTI, HU), searched rec
     root = src if src.is_dir() else src.parent
     params = dict(spacing=[float(s) for s in spacing], tile_depth=int(tile_depth), stride=int(stride),
                   keep_fraction=float(keep_fraction), axcodes=axcodes, hu_min=hu_min)
-    files = find_files(src, IMAGE_SUFFIXES[3])
-    cases = [(case_name(p, root), p) for p in files]
-    kept = [(c, p) for c, p in cases if not is_excluded(c, p.relative_to(root).as_posix(), exclude)]
+    cases, refused = find_ct_sources(src, modality)   # volume files, and DICOM folders split into checked series
+    bad = [r for r in refused if r["kind"] != "modality"]
+    if bad and on_error == "raise":
+        raise ValueError(f"{len(bad)} DICOM series cannot be read (--on-error skip to leave them out): " + "; ".join(r["error"] for r in bad))
+    for r in refused: (logger.info if r["kind"] == "modality" else logger.warning)("skipped %s", r["error"])
+    kept = [(c, p, rel) for c, p, rel in cases if not is_excluded(c, rel, exclude)]
     if len(kept) < len(cases): logger.info("excluded %d of %d cases", len(cases) - len(kept), len(cases))
-    if not kept: raise ValueError(f"{src}: no NIfTI volumes to process (found {len(cases)}, excluded {len(cases) - len(kept)})")
+    if not kept: raise ValueError(f"{src}: no CT volumes to process (NIfTI, MetaImage, NRRD or DICOM series; found {len(cases)}, "
+                                  f"excluded {len(cases) - len(kept)}, DICOM series skipped {len(refused)})")
+    label_of = match_labels(kept, labels) if labels is not None else {}
     records, jobs = {}, []
-    for c, p in kept:
-        lab = None
-        if labels is not None:
-            lab = Path(labels) / p.relative_to(root)
-            if not lab.is_file(): raise FileNotFoundError(f"{lab}: label map for {p} not found")
+    for c, p, _ in kept:
+        lab = label_of.get(c)
         rp = out_dir / ".records" / f"{c}.json"
         rec = _record_if_done(rp, p, params, out_dir)
         if rec is not None: records[c] = rec
@@ -338,11 +346,11 @@ def preprocess_ct(src:str|Path, # folder of CT volumes (NIfTI, HU), searched rec
     results, errors = _run(_case_job, jobs, num_workers, "CT volumes", on_error, progress)
     for job, rec in zip(jobs, results):
         if rec is not None: records[job["case"]] = rec
-    failed = [dict(case=jobs[i]["case"], source=str(jobs[i]["src"]), error=e) for i, e in sorted(errors.items())]
-    ordered = [records[c] for c, _ in kept if c in records]
+    failed = [dict(case=jobs[i]["case"], source=getattr(jobs[i]["src"], "folder", str(jobs[i]["src"])), error=e) for i, e in sorted(errors.items())]
+    ordered = [records[c] for c, _, _ in kept if c in records]
     outputs = [out_dir / o for r in ordered for o in r["outputs"]]
     manifest = dict(params=params, source_dir=str(src), excluded=list(exclude), n_cases=len(ordered),
-                    n_subvolumes=len(outputs), cases=ordered, failed=failed)
+                    n_subvolumes=len(outputs), cases=ordered, failed=failed, skipped=refused)
     atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
     write_list_file(out_dir / list_name, outputs, list_root)
     if failed: logger.warning("%d of %d cases failed and were skipped (listed in %s)", len(failed), len(kept), out_dir / "manifest.json")
@@ -436,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unimiss-preprocess", description="UniMiSS data preparation: CT sub-volumes and 512² radiographs.")
     sub = p.add_subparsers(dest="command", required=True)
     ct = sub.add_parser("ct", help="resample CT volumes and tile them into sub-volumes")
-    ct.add_argument("src", help="folder of NIfTI CT volumes (searched recursively) or one file")
+    ct.add_argument("src", help="folder of CT data as downloaded (NIfTI, MetaImage .mhd, NRRD, DICOM series; searched recursively) or one file")
     ct.add_argument("out", help="output folder")
     ct.add_argument("--spacing", type=_floats, default=(1.0, 1.0, 3.0), help="target voxel size in mm along R,A,S (default 1,1,3)")
     ct.add_argument("--tile-depth", type=int, default=24, help="slices per sub-volume (default 24; 0: no tiling, whole resampled volumes)")
@@ -445,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--axcodes", default="RAS", help="canonical orientation (default RAS)")
     ct.add_argument("--hu-min", type=lambda s: None if s.lower() == "none" else float(s), default=-1024.0,
                     help="clip HU below this before resampling ('none' to keep; default -1024)")
-    ct.add_argument("--labels", help="folder of label maps with the same relative paths as SRC")
+    ct.add_argument("--labels", help="folder of label maps (NIfTI/MetaImage/NRRD), matched to the images by name and grid")
+    ct.add_argument("--modality", default="CT", help="DICOM series of other modalities are skipped (default CT; 'any' keeps all)")
     ct.add_argument("--list-name", default="ct_list.txt", help="list file written in OUT (default ct_list.txt)")
     xr = sub.add_parser("xray", help="resize radiographs (PNG/JPEG/DICOM) to square PNGs")
     xr.add_argument("src", help="folder of radiographs (searched recursively) or one file")
@@ -475,8 +484,10 @@ def main(argv:Sequence[str]|None=None, # arguments (default: `sys.argv[1:]`)
                   on_error=a.on_error, progress=not a.no_progress)
     if a.command == "ct":
         m = preprocess_ct(a.src, a.out, spacing=a.spacing, tile_depth=a.tile_depth, stride=a.stride,
-                          keep_fraction=a.keep_fraction, axcodes=a.axcodes, hu_min=a.hu_min, labels=a.labels, **common)
-        logger.info("%d sub-volumes from %d cases in %s (%d failed)", m["n_subvolumes"], m["n_cases"], a.out, len(m["failed"]))
+                          keep_fraction=a.keep_fraction, axcodes=a.axcodes, hu_min=a.hu_min, labels=a.labels,
+                          modality=None if a.modality.lower() == "any" else a.modality, **common)
+        logger.info("%d sub-volumes from %d cases in %s (%d failed, %d DICOM series skipped)", m["n_subvolumes"], m["n_cases"],
+                    a.out, len(m["failed"]), len(m["skipped"]))
     else:
         outs = prepare_xrays(a.src, a.out, size=a.size, bits=a.bits, keep_aspect=a.keep_aspect, labels=a.labels, **common)
         logger.info("%d images in %s", len(outs), a.out)
