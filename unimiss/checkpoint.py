@@ -16,10 +16,12 @@ import torch
 from .mit import MiT
 
 # %% auto #0
-__all__ = ['official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'arch_name', 'read_checkpoint',
-           'split_official', 'official_to_unimiss', 'load_official', 'load_unimiss_state', 'to_official_state_dict',
-           'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint', 'parity_fixture_dir',
-           'rule_state_dict', 'parity_input']
+__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'arch_name',
+           'read_checkpoint', 'split_official', 'official_to_unimiss', 'load_official', 'load_unimiss_state',
+           'to_official_state_dict', 'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint',
+           'parity_fixture_dir', 'rule_state_dict', 'parity_input', 'mit_config', 'model_config', 'build_from_config',
+           'save_pretrained', 'read_safetensors', 'from_pretrained', 'describe_layout', 'load_backbone', 'convert',
+           'main']
 
 # %% ../nbs/01_checkpoint.ipynb #bcf6a6d9
 # (official template, unimiss template); `d` is 2 or 3, `s1` a 1-based and `s` a 0-based encoder stage,
@@ -231,3 +233,194 @@ def parity_input(name:str) -> torch.Tensor:
     shape, f, c = {'x2': ((1, 3, 224, 224), np.sin, .013), 'x3': ((1, 1, 16, 96, 96), np.cos, .017),
                    'x2s': ((1, 3, 96, 96), np.sin, .013), 'x3s': ((1, 1, 16, 128, 128), np.cos, .017)}[name]
     return torch.from_numpy(f(c * np.arange(math.prod(shape), dtype=np.float64)).astype(np.float32).reshape(shape))
+
+# %% ../nbs/01_checkpoint.ipynb #f02a3c03
+import json as _json
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _load_safetensors, save_file as _save_safetensors
+import sys
+from .mit import MIT_ARCHS, DropPath
+
+CONFIG_NAME, WEIGHTS_NAME = 'config.json', 'model.safetensors'
+
+def mit_config(model:MiT) -> dict:
+    "The `MiT(**config)` keyword arguments that rebuild `model`'s architecture, read from its modules."
+    def stage_cfg(stages):
+        blk = [s.blocks[0] for s in stages]
+        return dict(dims=[b.norm1.normalized_shape[0] for b in blk], depths=[len(s.blocks) for s in stages],
+                    heads=[b.attn.num_heads for b in blk], sr=[b.attn.sr_ratio for b in blk])
+    enc = stage_cfg(model.stages)
+    blk0 = model.stages[0].blocks[0]
+    drops = [b.drop_path.p for s in model.stages for b in s.blocks if isinstance(b.drop_path, DropPath)]
+    cfg = dict(spatial_dims=list(model.spatial_dims), in_channels={str(d): c for d, c in model.in_channels.items()},
+               img_size2d=list(model.img_size2d), img_size3d=list(model.img_size3d),
+               embed_dims=enc['dims'], depths=enc['depths'], num_heads=enc['heads'], sr_ratios=enc['sr'],
+               mlp_ratio=blk0.mlp.fc1.out_features / enc['dims'][0], stem_channels=model.encoder_dims[0],
+               drop_path_rate=max(drops, default=0.0), decoder=bool(len(model.decoder_stages)))
+    if cfg['decoder']:
+        dec = stage_cfg(model.decoder_stages)
+        cfg.update(dec_embed_dims=dec['dims'], dec_depths=dec['depths'], dec_num_heads=dec['heads'], dec_sr_ratios=dec['sr'])
+    return cfg
+
+def _mit_from_config(cfg:Mapping) -> MiT:
+    cfg = dict(cfg)
+    cfg['in_channels'] = {int(d): int(c) for d, c in cfg.get('in_channels', {}).items()}
+    if 'img_size2d' in cfg: cfg['img_size2d'] = tuple(cfg['img_size2d'])
+    return MiT(**cfg)
+
+def model_config(model:torch.nn.Module) -> dict:
+    "`config.json` content for a `MiT`, `MiTSegmenter` or `MiTClassifier`."
+    from unimiss.finetune import MiTClassifier, MiTSegmenter   # finetune imports this module
+    if isinstance(model, MiT): return dict(model_type='MiT', backbone=mit_config(model))
+    if isinstance(model, MiTSegmenter):
+        return dict(model_type='MiTSegmenter', backbone=mit_config(model.backbone), num_classes=model.num_classes,
+                    deep_supervision=model.deep_supervision)
+    if isinstance(model, MiTClassifier):
+        return dict(model_type='MiTClassifier', backbone=mit_config(model.backbone), num_classes=model.num_classes,
+                    norm_eps=model.norm.eps)
+    raise TypeError(f"save_pretrained takes a MiT, MiTSegmenter or MiTClassifier, got {type(model).__name__}")
+
+def build_from_config(config:Mapping) -> torch.nn.Module:
+    "A freshly initialised model of the architecture described by a `config.json` dict."
+    from unimiss.finetune import MiTClassifier, MiTSegmenter
+    kind = config.get('model_type')
+    if kind not in ('MiT', 'MiTSegmenter', 'MiTClassifier'):
+        raise ValueError(f"model_type must be 'MiT', 'MiTSegmenter' or 'MiTClassifier', got {kind!r}")
+    bb = _mit_from_config(config['backbone'])
+    if kind == 'MiT': return bb
+    if kind == 'MiTSegmenter': return MiTSegmenter(bb, config['num_classes'], config.get('deep_supervision', False))
+    return MiTClassifier(bb, config['num_classes'], config.get('norm_eps', 1e-6))
+
+# %% ../nbs/01_checkpoint.ipynb #279793e1
+def save_pretrained(model:torch.nn.Module, # a `MiT`, `MiTSegmenter` or `MiTClassifier`
+                    save_directory:str|Path, # folder to write `config.json` and `model.safetensors` into (created)
+                    **extra, # more JSON-able entries for `config.json` (e.g. pretraining data, epoch)
+                   ) -> Path:
+    "Write `model` as a Hub-style folder: `config.json` + `model.safetensors`; return the folder."
+    from unimiss.data import atomic_write
+    cfg = model_config(model)
+    if isinstance(model, MiT) and getattr(model, 'arch', None): cfg['arch'] = model.arch
+    cfg.update(extra)
+    sd = model.state_dict()
+    ref = build_from_config(cfg).state_dict()   # (the meta device cannot run MiT's init)
+    if list(ref) != list(sd) or any(ref[k].shape != sd[k].shape for k in sd):
+        raise ValueError(f"{type(model).__name__}: its configuration {cfg} does not rebuild it "
+                         f"(differing tensors: {sorted(set(ref) ^ set(sd)) or [k for k in sd if ref[k].shape != sd[k].shape]})")
+    out = Path(save_directory); out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: _save_safetensors(tensors, str(tmp), metadata={'format': 'pt'}))
+    atomic_write(out / CONFIG_NAME, _json.dumps(cfg, indent=1) + '\n')
+    return out
+
+def read_safetensors(path:str|Path) -> dict:
+    "The tensors of a safetensors file; a non-finite value is refused with the tensor's name."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{path}: no such file")
+    try: sd = _load_safetensors(str(path))
+    except (SafetensorError, OSError, ValueError) as e: raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"{path}: tensor {k!r} has {int((~torch.isfinite(v)).sum())} non-finite values (NaN/inf)")
+    return sd
+
+def from_pretrained(pretrained_dir:str|Path, # a folder written by `save_pretrained`
+                   ) -> torch.nn.Module:
+    "Rebuild the model described by `config.json` and load `model.safetensors` strictly."
+    d = Path(pretrained_dir)
+    if not (d / CONFIG_NAME).is_file(): raise FileNotFoundError(f"{d}: no {CONFIG_NAME} (not a save_pretrained folder)")
+    try: cfg = _json.loads((d / CONFIG_NAME).read_text())
+    except ValueError as e: raise ValueError(f"{d / CONFIG_NAME}: not valid JSON ({e})") from e
+    model = build_from_config(cfg)
+    sd = read_safetensors(d / WEIGHTS_NAME)
+    try: load_unimiss_state(model, sd)
+    except ValueError as e: raise ValueError(f"{d / WEIGHTS_NAME}: {e}") from e
+    if cfg.get('arch'): model.arch = cfg['arch']
+    return model
+
+# %% ../nbs/01_checkpoint.ipynb #572a61c7
+def describe_layout(state_dict:Mapping) -> str:
+    "'official', 'unimiss', 'unimiss-downstream' (UniMiSS-code's 3D segmentation `MiT`) or 'unknown', from the keys."
+    keys = [k.removeprefix('module.').removeprefix('backbone.') for k in state_dict]
+    if any(re.match(r'transformer\.(pos_embed|patch_embed)[23]D\d', k) for k in keys): return 'official'
+    if any(re.match(r'transformer\.(pos_embed|patch_embed)\d', k) for k in keys): return 'unimiss-downstream'
+    if any(k.startswith(('stem.', 'stages.')) for k in keys): return 'unimiss'
+    return 'unknown'
+
+_DOWNSTREAM = ("the 3D segmentation network of UniMiSS-code's Downstream (keys like 'transformer.patch_embed0.conv.weight', "
+               "no 2D/3D suffix, position embeddings without the CLS slot, a convolutional head): a fine-tuned network, "
+               "not the pretrained backbone; load the pretraining checkpoint (with 'student'/'teacher') instead")
+
+# %% ../nbs/01_checkpoint.ipynb #73536952
+def _infer_img_size3d(sd:Mapping, depth:int) -> tuple:
+    "(D, H, W) of 3D pretraining from the stage-1 3D position embedding of a unimiss-layout state dict."
+    n1 = sd['stages.0.pos_embed.3d'].shape[1] - 1
+    side = math.isqrt(n1 // (depth // 2))
+    return (depth, 4 * side, 4 * side)
+
+def load_backbone(src, # checkpoint path/dict (official, SuPreM/VoCo copy, unimiss) or a `save_pretrained` folder
+                  which:str='teacher', # network of a student/teacher checkpoint
+                  img_size3d=None, # (D, H, W) of 3D pretraining, when the checkpoint cannot tell
+                 ) -> MiT:
+    "The pretrained `MiT` backbone held by `src`, in any of the layouts unimiss reads."
+    if isinstance(src, (str, Path)) and Path(src).is_dir():
+        m = from_pretrained(src)
+        if not isinstance(m, MiT): raise ValueError(f"{src}: holds a {type(m).__name__}, not a MiT backbone")
+        return m
+    from unimiss.finetune import read_pretrained   # finetune imports this module
+    name = str(src) if isinstance(src, (str, Path)) else 'checkpoint dict'
+    ckpt = read_checkpoint(src)
+    if isinstance(ckpt.get('mit_config'), Mapping):   # written by `unimiss-convert --format unimiss`
+        return load_unimiss_state(_mit_from_config(ckpt['mit_config']), ckpt['state_dict'])
+    net = ckpt.get(which) if isinstance(ckpt.get(which), Mapping) else ckpt.get('state_dict', ckpt)
+    if isinstance(net, Mapping) and describe_layout(net) == 'unimiss-downstream': raise ValueError(f"{name}: {_DOWNSTREAM}")
+    sd = read_pretrained(ckpt, which, name=name)
+    cfg = ckpt.get('config') if isinstance(ckpt.get('config'), Mapping) else {}
+    arch = str(cfg.get('arch', '')).removeprefix('mit_')
+    if arch in MIT_ARCHS:   # a unimiss pretraining checkpoint records its architecture and crop sizes
+        dims = tuple(d for d in (2, 3) if any(k.startswith(f'stem.{d}d.') for k in sd))
+        model = MiT(**(MIT_ARCHS[arch] | dict(spatial_dims=dims, img_size2d=cfg.get('img_size_2d', 224),
+                                              img_size3d=tuple(img_size3d or cfg.get('img_size_3d', (16, 96, 96))))))
+        model.arch = arch
+        try: return load_unimiss_state(model, sd)
+        except ValueError as e: raise ValueError(f"{name}: {e}") from e
+    if img_size3d is None and 'stages.0.pos_embed.3d' in sd and isinstance(cfg.get('img_size_3d'), (list, tuple)):
+        img_size3d = _infer_img_size3d(sd, int(cfg['img_size_3d'][0]))
+    try: return load_official(to_official_state_dict(sd), img_size3d=img_size3d)
+    except (KeyError, ValueError) as e: raise ValueError(f"{name}: {e}") from e
+
+def convert(src, # as for `load_backbone`
+            dst:str|Path, # folder (safetensors) or file (official, unimiss)
+            which:str='teacher',
+            format:str='safetensors', # 'safetensors', 'official' or 'unimiss'
+            img_size3d=None,
+           ) -> Path:
+    "Convert the backbone of `src` to `format` at `dst`; return what was written."
+    if format not in ('safetensors', 'official', 'unimiss'):
+        raise ValueError(f"format must be 'safetensors', 'official' or 'unimiss', got {format!r}")
+    from unimiss.data import atomic_write
+    model = load_backbone(src, which, img_size3d)
+    if format == 'safetensors': return save_pretrained(model, dst)
+    state = (to_official_checkpoint(model) if format == 'official'
+             else dict(state_dict=model.state_dict(), mit_config=mit_config(model)))
+    return atomic_write(dst, lambda tmp: torch.save(state, tmp))
+
+def _ints(s:str) -> tuple: return tuple(int(v) for v in s.replace(',', ' ').split())
+
+def main(argv=None) -> int:
+    "Entry point of `unimiss-convert` / `python -m unimiss.checkpoint`."
+    p = argparse.ArgumentParser(prog='unimiss-convert', description="Convert a UniMiSS backbone between checkpoint layouts.")
+    p.add_argument('src', help="checkpoint file (authors', SuPreM/VoCo copy, unimiss) or a save_pretrained folder")
+    p.add_argument('dst', help="output folder (safetensors) or .pth file (official, unimiss)")
+    p.add_argument('--which', choices=('teacher', 'student'), default='teacher', help="network of a student/teacher checkpoint (default teacher)")
+    p.add_argument('--format', choices=('safetensors', 'official', 'unimiss'), default='safetensors', help="output layout (default safetensors)")
+    p.add_argument('--img-size3d', type=_ints, help="D,H,W of 3D pretraining when it is not 16,S,S")
+    a = p.parse_args(argv)
+    try: out = convert(a.src, a.dst, a.which, a.format, a.img_size3d)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"unimiss-convert: error: {e}", file=sys.stderr); return 1
+    print(f"unimiss-convert: wrote {out} ({a.format}, {a.which})")
+    return 0
+
+# %% ../nbs/01_checkpoint.ipynb #5549c1b2
+# `python -m unimiss.checkpoint`; not when this notebook itself runs (no `__file__` there, and IPython's `get_ipython`)
+if __name__ == "__main__" and "__file__" in globals() and "get_ipython" not in globals(): raise SystemExit(main())
