@@ -196,3 +196,24 @@ def test_pydicom_ct_small_geometry_and_hu():
     want = ras * (np.asarray(ds.ImagePositionPatient, float) + c * dc * row + r * dr * col)
     np.testing.assert_allclose(img.affine[:3] @ [c, r, 0, 1], want, atol=1e-4)
     assert nib.aff2axcodes(img.affine)[:2] == ("L", "P") and img.header.get_zooms()[2] == pytest.approx(float(ds.SliceThickness))
+
+
+def test_per_slice_rescale_and_detached_nrrd(tmp_path):
+    "Each slice's own RescaleIntercept is applied; a detached, gzip-encoded NRRD (.nhdr + .raw.gz, LPS space) reads too."
+    import gzip
+    vol = np.random.default_rng(4).integers(-1000, 1500, (8, 6, 5)).astype(np.float32)
+    files = write_dicom_series(tmp_path / "dcm", vol, AFFINE)
+    for p in files[::2]:   # same HU stored with another intercept
+        ds = pydicom.dcmread(p)
+        ds.PixelData = (ds.pixel_array.astype(np.int16) - 24).tobytes(); ds.RescaleIntercept = "-1000"; ds.save_as(p)
+    np.testing.assert_array_equal(np.asarray(read_volume(tmp_path / "dcm").dataobj), vol)
+    lps = LPS_TO_RAS @ AFFINE
+    vec = lambda v: "(" + ",".join(f"{x:g}" for x in v) + ")"
+    (tmp_path / "v.raw.gz").write_bytes(gzip.compress(vol.transpose(2, 1, 0).astype("<i2").tobytes()))
+    (tmp_path / "v.nhdr").write_text(
+        f"NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: {' '.join(map(str, vol.shape))}\n"
+        f"space directions: {' '.join(vec(lps[:3, k]) for k in range(3))}\nkinds: domain domain domain\nendian: little\n"
+        f"encoding: gzip\nspace origin: {vec(lps[:3, 3])}\ndata file: v.raw.gz\n")
+    img = read_volume(tmp_path / "v.nhdr")
+    np.testing.assert_array_equal(np.asarray(img.dataobj), vol)
+    np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
