@@ -217,3 +217,12 @@ def test_per_slice_rescale_and_detached_nrrd(tmp_path):
     img = read_volume(tmp_path / "v.nhdr")
     np.testing.assert_array_equal(np.asarray(img.dataobj), vol)
     np.testing.assert_allclose(img.affine, AFFINE, atol=1e-6)
+
+
+def test_header_scan_in_worker_processes(tmp_path):
+    "The header scan of a large folder runs in worker processes and finds the same series, in the same order."
+    vol = np.random.default_rng(5).integers(-1000, 1000, (4, 4, 300)).astype(np.float32)
+    write_dicom_series(tmp_path / "s", vol, AFFINE, shuffle=2)
+    (a,), _ = scan_dicom(tmp_path, num_workers=2)
+    (b,), _ = scan_dicom(tmp_path)
+    assert a == b and len(a.files) == 300

@@ -325,7 +325,7 @@ def preprocess_ct(src:str|Path, # folder of CT data (NIfTI, MetaImage, NRRD, DIC
     root = src if src.is_dir() else src.parent
     params = dict(spacing=[float(s) for s in spacing], tile_depth=int(tile_depth), stride=int(stride),
                   keep_fraction=float(keep_fraction), axcodes=axcodes, hu_min=hu_min)
-    cases, refused = find_ct_sources(src, modality)   # volume files, and DICOM folders split into checked series
+    cases, refused = find_ct_sources(src, modality, num_workers)   # volume files, and DICOM folders split into checked series
     bad = [r for r in refused if r["kind"] != "modality"]
     if bad and on_error == "raise":
         raise ValueError(f"{len(bad)} DICOM series cannot be read (--on-error skip to leave them out): " + "; ".join(r["error"] for r in bad))
