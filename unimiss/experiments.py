@@ -13,16 +13,17 @@ from typing import Mapping, Sequence
 import yaml
 
 import unimiss
+from .config import coerce, kind_of, read_yaml, seed_everything, suggest
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS', 'REPORT_COLUMNS', 'find_experiments_dir',
            'repo_root', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
-           'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice',
-           'seed_everything', 'save_metrics', 'save_figure', 'flatten_metrics', 'ExperimentFailed', 'run_experiment',
-           'paper_value', 'list_runs', 'report_rows', 'markdown_table', 'report_figure', 'comparison_table', 'report',
-           'torchrun_command', 'launch_torchrun', 'study', 'build_parser', 'main']
+           'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice', 'save_metrics',
+           'save_figure', 'flatten_metrics', 'ExperimentFailed', 'run_experiment', 'paper_value', 'list_runs',
+           'report_rows', 'markdown_table', 'report_figure', 'comparison_table', 'report', 'torchrun_command',
+           'launch_torchrun', 'study', 'build_parser', 'main']
 
 # %% ../nbs/06_experiments.ipynb #06c1a2c9
 EXPERIMENTS_ENV = 'UNIMISS_EXPERIMENTS_DIR'
@@ -97,37 +98,19 @@ def notebook_parameters(notebook:str|Path, # experiment notebook
         out[name] = dict(default=default, type=p['inferred_type_name'], help=p['help'])
     return out
 
-def parse_override(text:str, # 'key=value', value in YAML syntax
-                  ) -> tuple[str, object]:
-    "Split a command-line override into its key and YAML-parsed value."
+def parse_override(text:str, # 'key=value'
+                  ) -> tuple[str, str]:
+    "Split a command-line override into its key and its value (a string, converted by the parameter's type later)."
     key, eq, value = text.partition('=')
     if not eq or not key.strip(): raise ValueError(f"override {text!r} must look like key=value")
-    return key.strip(), yaml.safe_load(value) if value.strip() else ''
+    return key.strip(), value
 
-_FLOAT = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
-
-def _coerce(name:str, value, default, where:str):
-    "`value` converted to the type of `default` where that is unambiguous, else a ValueError naming `name`."
-    if default is None or value is None: return value
-    bad = ValueError(f"parameter {name!r} of {where} must be {type(default).__name__} (default {default!r}), got {value!r}")
-    if isinstance(default, bool):
-        if isinstance(value, bool): return value
-        raise bad
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool): return value
-        if isinstance(value, float) and value.is_integer(): return int(value)
-        raise bad
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if isinstance(value, str) and _FLOAT.match(value.strip()): return float(value)
-        raise bad
-    if isinstance(default, str):
-        if isinstance(value, str): return value
-        raise bad
-    if isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)): return list(value)
-        raise bad
-    return value
+def _param_value(name:str, value, default, where:str, from_command_line:bool):
+    "`value` as the type of the parameter's `default` (`unimiss.config.coerce`); untyped strings typed on a command line are read as YAML."
+    kind = kind_of(default)
+    if from_command_line and isinstance(value, str) and kind_of(None) == kind:
+        value = yaml.safe_load(value) if value.strip() else ''
+    return coerce(value, kind, f"parameter {name!r} of {where}")
 
 def read_params_file(path:str|Path, # YAML mapping; or the name of a file in `configs/` without `.yaml`
                      experiments_dir:str|Path|None=None) -> dict:
@@ -140,10 +123,7 @@ def read_params_file(path:str|Path, # YAML mapping; or the name of a file in `co
                 if cand.is_file(): p = cand; break
         except FileNotFoundError: pass
     if not p.is_file(): raise FileNotFoundError(f"parameter file {path} does not exist")
-    data = yaml.safe_load(p.read_text())
-    if data is None: return {}
-    if not isinstance(data, Mapping): raise ValueError(f"parameter file {p} must hold a mapping of names to values")
-    return dict(data)
+    return read_yaml(p, 'parameter file')
 
 def resolve_params(name:str, # experiment name or notebook path
                    params_files:Sequence[str|Path]=(), # YAML files, applied in order
@@ -155,14 +135,15 @@ def resolve_params(name:str, # experiment name or notebook path
     if not declared: raise ValueError(f"notebook {nb} has no cell tagged 'parameters'")
     values = {}
     for f in params_files: values.update(read_params_file(f, experiments_dir))
-    if overrides is not None and not isinstance(overrides, Mapping):
-        overrides = dict(parse_override(o) for o in overrides)
+    typed = overrides is None or isinstance(overrides, Mapping)
+    if not typed: overrides = dict(parse_override(o) for o in overrides)
     values.update(overrides or {})
     unknown = [k for k in values if k not in declared]
     if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for experiment {nb.stem!r}; "
-                         f"its parameters are: {', '.join(declared)}")
-    return {k: _coerce(k, v, declared[k]['default'], f"experiment {nb.stem!r}") for k, v in values.items()}
+        raise ValueError(f"unknown parameter(s) {', '.join(repr(k) + suggest(k, list(declared)) for k in unknown)} for "
+                         f"experiment {nb.stem!r}; its parameters are: {', '.join(declared)}")
+    where = f"experiment {nb.stem!r}"
+    return {k: _param_value(k, v, declared[k]['default'], where, not typed and k in overrides) for k, v in values.items()}
 
 # %% ../nbs/06_experiments.ipynb #bc52e11f
 def _toy_notebook(path:str|Path, fail:bool=False) -> Path:
@@ -246,14 +227,6 @@ def check_choice(name:str, # parameter name, for the message
         shown = ', '.join(map(repr, choices)) if len(choices) <= 12 else f'{min(choices)!r}..{max(choices)!r}'
         raise ValueError(f"parameter {name} must be one of {shown}; got {value!r}")
     return value
-
-def seed_everything(seed:int, # seeds Python's, numpy's and torch's generators
-                   ):
-    "Seed the random generators an experiment uses (so CPU runs repeat exactly)."
-    import random
-    import numpy as np
-    import torch
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
 def save_metrics(run_dir:str|Path, # the run folder
                  metrics:Mapping, # {name: number}
