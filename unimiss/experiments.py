@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS', 'REPORT_COLUMNS', 'find_experiments_dir',
-           'repo_root', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
+           'repo_root', 'configs_dir', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
            'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice', 'save_metrics',
            'save_figure', 'flatten_metrics', 'ExperimentFailed', 'run_experiment', 'paper_value', 'list_runs',
            'report_rows', 'markdown_table', 'report_figure', 'comparison_table', 'report', 'torchrun_command',
@@ -29,10 +29,11 @@ __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS',
 EXPERIMENTS_ENV = 'UNIMISS_EXPERIMENTS_DIR'
 FINETUNE_EXPERIMENTS = ('finetune_seg3d', 'finetune_cls3d', 'finetune_seg2d', 'finetune_cls2d')
 
-def _candidate_roots() -> list[Path]:
-    here = Path(unimiss.__file__).resolve().parent.parent
+def _candidates() -> list[Path]:
+    "Where experiment notebooks may be: the checkout of the imported package, its packaged copy, the current folders."
+    pkg = Path(unimiss.__file__).resolve().parent
     cwd = Path.cwd().resolve()
-    return [here, cwd, *cwd.parents]
+    return [pkg.parent/'nbs'/'experiments', pkg/'_experiments', *(d/'nbs'/'experiments' for d in (cwd, *cwd.parents))]
 
 def find_experiments_dir(path:str|Path|None=None, # a folder of experiment notebooks; default: search (see above)
                         ) -> Path:
@@ -43,18 +44,24 @@ def find_experiments_dir(path:str|Path|None=None, # a folder of experiment noteb
         if not path.is_dir(): raise FileNotFoundError(f"experiment notebook folder {path} does not exist")
         return path
     tried = []
-    for root in _candidate_roots():
-        cand = root/'nbs'/'experiments'
-        if cand.is_dir(): return cand
+    for cand in _candidates():
+        if cand.is_dir() and any(cand.glob('*.ipynb')): return cand
         tried.append(str(cand))
     raise FileNotFoundError(
-        "cannot find the experiment notebooks (nbs/experiments/); they come with a checkout of the repository, not "
-        f"with the installed package. Run from inside a unimiss checkout or set {EXPERIMENTS_ENV}=/path/to/nbs/experiments. "
-        f"Looked in: {', '.join(tried[:4])}{' ...' if len(tried) > 4 else ''}")
+        "cannot find the experiment notebooks: this installation has neither a checkout's nbs/experiments/ nor the "
+        f"packaged unimiss/_experiments/ (reinstall from a wheel built from the repository, or set "
+        f"{EXPERIMENTS_ENV}=/path/to/nbs/experiments). Looked in: {', '.join(tried[:4])}{' ...' if len(tried) > 4 else ''}")
 
 def repo_root(experiments_dir:str|Path|None=None) -> Path:
-    "The checkout holding the experiment notebooks (`nbs/experiments` → its grandparent)."
+    "The checkout holding the experiment notebooks (`nbs/experiments` → its grandparent; the package for its own copy)."
     return find_experiments_dir(experiments_dir).resolve().parent.parent
+
+def configs_dir(experiments_dir:str|Path|None=None) -> Path|None:
+    "The folder of YAML parameter files that goes with the experiment notebooks (`configs/` or `unimiss/_configs/`)."
+    nbs = find_experiments_dir(experiments_dir).resolve()
+    for cand in (nbs.parent.parent/'configs', nbs.parent/'_configs'):
+        if cand.is_dir(): return cand
+    return None
 
 def list_experiments(experiments_dir:str|Path|None=None) -> list[str]:
     "Names of the experiment notebooks (files starting with `_` or `.` are scratch and skipped)."
@@ -76,15 +83,15 @@ def notebook_path(name:str|Path, # experiment name, e.g. 'pretrain', or a path t
 def _papermill():
     try: import papermill
     except ImportError as e:
-        raise ImportError("running experiment notebooks needs papermill and ipykernel: "
-                          "pip install papermill ipykernel (or pip install -e '.[dev]')") from e
+        raise ImportError("running experiment notebooks needs papermill, nbformat and ipykernel: "
+                          "pip install 'unimiss[experiments]' (from a clone: pip install -e '.[experiments]')") from e
     return papermill
 
 def notebook_parameters(notebook:str|Path, # experiment notebook
                        ) -> dict:
     "The `parameters` cell of `notebook`: {name: dict(default=value, type=str, help=str)}."
+    pm = _papermill()  # first: it names the extra to install
     import nbformat
-    pm = _papermill()
     nb = nbformat.read(str(notebook), as_version=4)
     if nb.metadata.get('kernelspec', {}).get('name'): found = pm.inspect_notebook(str(notebook))
     else:  # papermill needs a kernel name to read the cell: inspect a copy that has one
@@ -114,14 +121,13 @@ def _param_value(name:str, value, default, where:str, from_command_line:bool):
 
 def read_params_file(path:str|Path, # YAML mapping; or the name of a file in `configs/` without `.yaml`
                      experiments_dir:str|Path|None=None) -> dict:
-    "The mapping in a YAML parameter file (found as given, else in the checkout's `configs/`)."
+    "The mapping in a YAML parameter file: as given, else the file of that name among the shipped ones (`configs_dir`)."
     p = Path(path).expanduser()
     if not p.is_file():
-        try:
-            root = repo_root(experiments_dir)
-            for cand in (root/p, root/'configs'/p, root/'configs'/f'{p}.yaml'):
-                if cand.is_file(): p = cand; break
-        except FileNotFoundError: pass
+        try: folder = configs_dir(experiments_dir)
+        except FileNotFoundError: folder = None
+        for cand in ((folder/p.name, folder/f'{p.name}.yaml') if folder else ()):
+            if cand.is_file(): p = cand; break
     if not p.is_file(): raise FileNotFoundError(f"parameter file {path} does not exist")
     return read_yaml(p, 'parameter file')
 
@@ -289,6 +295,20 @@ def _git_commit(root:Path) -> str|None:
         return r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
 
+def _this_python_kernel():
+    "A Jupyter kernel manager whose 'python3' kernel is `sys.executable` (quiet: no TCP warnings on its stderr)."
+    from jupyter_client.kernelspec import KernelSpec
+    from jupyter_client.manager import KernelManager
+    class ThisPythonKernel(KernelManager):
+        @property
+        def kernel_spec(self):
+            if self._kernel_spec is None:
+                self._kernel_spec = KernelSpec(
+                    argv=[sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}', '--IPKernelApp.log_level=ERROR'],
+                    display_name=f'Python {platform.python_version()} ({sys.executable})', language='python')
+            return self._kernel_spec
+    return ThisPythonKernel
+
 def _write_record(run_dir:Path, record:dict):
     _write_atomic(run_dir/'run.json', json.dumps(_plain(record), indent=1))
 
@@ -333,9 +353,11 @@ def run_experiment(name:str, # experiment name ('pretrain', 'finetune_seg3d', ..
         logger.info("running %s into %s", nb.name, run_dir)
         import nbformat
         kernel = kernel_name or nbformat.read(str(nb), as_version=4).metadata.get('kernelspec', {}).get('name') or 'python3'
+        # the default kernel is this interpreter, so a run uses the unimiss (venv, checkout) the runner uses
+        engine = dict(kernel_manager_class=_this_python_kernel()) if kernel_name is None and kernel == 'python3' else {}
         try:
             pm.execute_notebook(str(nb), str(run_dir/f'{name}.ipynb'), parameters=params, kernel_name=kernel,
-                                progress_bar=progress, cwd=os.getcwd())
+                                progress_bar=progress, cwd=os.getcwd(), **engine)
         except pm.PapermillExecutionError as e:
             msg = f"cell {e.exec_count} raised {e.ename}: {e.evalue}"
             record.update(status='failed', error=msg, wall_s=round(time.time() - t0, 2))
