@@ -22,8 +22,8 @@ __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS',
            'repo_root', 'configs_dir', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
            'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice', 'save_metrics',
            'save_figure', 'flatten_metrics', 'ExperimentFailed', 'run_experiment', 'paper_value', 'list_runs',
-           'report_rows', 'markdown_table', 'report_figure', 'comparison_table', 'report', 'torchrun_command',
-           'launch_torchrun', 'study', 'build_parser', 'main']
+           'report_rows', 'mean_sd', 'summarize', 'fmt_mean_sd', 'markdown_table', 'report_figure', 'comparison_table',
+           'summary_table', 'report', 'torchrun_command', 'launch_torchrun', 'study', 'build_parser', 'main']
 
 # %% ../nbs/06_experiments.ipynb #06c1a2c9
 EXPERIMENTS_ENV = 'UNIMISS_EXPERIMENTS_DIR'
@@ -426,23 +426,58 @@ def _fmt(v) -> str:
     if isinstance(v, float): return f'{v:.4g}'
     return str(v)
 
+_NOT_SETTING = ('seed', 'run_dir')  # what may differ between the runs of one setting
+
+def _setting(run:Mapping) -> str:
+    "The identity of a run's setting: its experiment and every parameter except the seed (as canonical JSON)."
+    params = {k: v for k, v in (run.get('params') or {}).items() if k not in _NOT_SETTING}
+    return json.dumps([run.get('name'), _plain(params)], sort_keys=True, default=str)
+
 def report_rows(runs:Sequence[dict]) -> list[dict]:
-    "One flat row per run: experiment, tag, status, setting, primary metric and value, paper's value, wall time."
+    "One flat row per run: experiment, tag, status, setting (data set, init, labels, arch, epochs, smoke, seed), primary metric, paper's value."
     rows = []
     for r in runs:
-        res = r.get('result') or {}
+        res, params = r.get('result') or {}, r.get('params') or {}
         metric = res.get('primary')
         value = (res.get('metrics') or {}).get(metric)
         frac = res.get('label_fraction')
+        info = lambda k: res.get(k, params.get(k))
         rows.append(dict(experiment=r['name'], tag=r['tag'], status=r.get('status', ''),
                          dataset=res.get('dataset'), init=res.get('init') or res.get('ablation'),
                          labels=f'{frac:.0%}' if isinstance(frac, (int, float)) else None, label_fraction=frac,
+                         arch=info('arch') or None, epochs=info('epochs'), smoke=info('smoke'), seed=info('seed'),
                          metric=metric, value=value,
                          paper=paper_value(r['name'], metric, res.get('dataset'), res.get('init'), res.get('label_fraction')),
-                         wall_s=r.get('wall_s')))
+                         wall_s=r.get('wall_s'), started=r.get('started'), setting=_setting(r)))
     order = {n: i for i, n in enumerate(('pretrain', *FINETUNE_EXPERIMENTS))}
     return sorted(rows, key=lambda r: (order.get(r['experiment'], len(order)), r['experiment'], str(r['dataset']),
                                        r['label_fraction'] or 0, str(r['init']), r['tag']))
+
+def mean_sd(values:Sequence[float]) -> tuple[float, float|None]:
+    "Mean and sample standard deviation (ddof 1; None for a single value)."
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None)
+
+def summarize(rows:Sequence[Mapping]) -> list[dict]:
+    "One row per setting: the finished runs that differ only in their seed, as mean ± sd over seeds (one run per seed, the latest)."
+    groups = {}
+    for r in rows:
+        if r['status'] != 'ok' or not isinstance(r['value'], (int, float)): continue
+        by_seed = groups.setdefault(r['setting'], {})
+        if r['seed'] not in by_seed or str(r['started']) > str(by_seed[r['seed']]['started']): by_seed[r['seed']] = r
+    out = []
+    for by_seed in groups.values():
+        runs = sorted(by_seed.values(), key=lambda r: str(r['seed']))
+        m, sd = mean_sd([r['value'] for r in runs])
+        out.append({k: runs[0][k] for k in ('experiment', 'dataset', 'init', 'labels', 'label_fraction', 'arch', 'epochs',
+                                           'smoke', 'metric', 'paper', 'setting')}
+                   | dict(mean=m, sd=sd, n=len(runs), seeds=[r['seed'] for r in runs], tags=[r['tag'] for r in runs]))
+    return out
+
+def fmt_mean_sd(mean:float, sd:float|None, n:int) -> str:
+    "'0.857 ± 0.012 (n=3)'; a single run: '0.857 (n=1)'."
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else '') + f" (n={n})"
 
 def markdown_table(rows:Sequence[Mapping], columns:Sequence[str]|None=None) -> str:
     "A GitHub-flavoured markdown table of `rows`."
@@ -451,63 +486,82 @@ def markdown_table(rows:Sequence[Mapping], columns:Sequence[str]|None=None) -> s
     lines += ['| ' + ' | '.join(_fmt(r.get(c)) for c in columns) + ' |' for r in rows]
     return '\n'.join(lines)
 
-def report_figure(rows:Sequence[Mapping]):
-    "Bar charts of the primary metric of each experiment, grouped by label fraction, one bar per initialisation."
+def report_figure(summary:Sequence[Mapping]):
+    "Bar charts of the primary metric of each fine-tuning setting (mean, error bar: sd over seeds), by label fraction and initialisation."
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r['value'] is not None and r['status'] == 'ok' and r['label_fraction'] is not None]
-    exps = list(dict.fromkeys(r['experiment'] for r in rows))
-    fig, axs = plt.subplots(1, max(len(exps), 1), figsize=(3.2 * max(len(exps), 1), 3), squeeze=False)
-    for ax, exp in zip(axs[0], exps):
-        rs = [r for r in rows if r['experiment'] == exp]
+    rows = [r for r in summary if r['label_fraction'] is not None]
+    panels = list(dict.fromkeys((r['experiment'], r['arch'], r['epochs'], r['smoke']) for r in rows))
+    fig, axs = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, key in zip(axs[0], panels):
+        rs = [r for r in rows if (r['experiment'], r['arch'], r['epochs'], r['smoke']) == key]
         fracs = sorted({r['label_fraction'] for r in rs})
         inits = sorted({str(r['init']) for r in rs}, key=lambda i: (i != 'scratch', i))
         w = 0.8 / len(inits)
         for j, init in enumerate(inits):
-            ys = []
-            for f in fracs:  # the mean over repeated runs of a setting
-                vs = [r['value'] for r in rs if r['label_fraction'] == f and str(r['init']) == init]
-                ys.append(sum(vs) / len(vs) if vs else float('nan'))
-            ax.bar([i + (j - (len(inits) - 1) / 2) * w for i in range(len(fracs))], ys, w, label=init)
+            cells = [next((r for r in rs if r['label_fraction'] == f and str(r['init']) == init), None) for f in fracs]
+            xs = [i + (j - (len(inits) - 1) / 2) * w for i in range(len(fracs))]
+            ys = [c['mean'] if c else float('nan') for c in cells]
+            bars = ax.bar(xs, ys, w, yerr=[(c['sd'] or 0) if c else 0 for c in cells], capsize=3, label=init)
+            ax.bar_label(bars, labels=[f"{c['mean']:.2f}\nn={c['n']}" if c else '' for c in cells], fontsize=6, padding=2)
         ax.set_xticks(range(len(fracs)), [f'{f:.0%}' for f in fracs])
-        ax.set(title=exp, xlabel='labelled fraction', ylabel=rs[0]['metric'])
-        if all(0 <= r['value'] <= 1 for r in rs): ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set(title=f"{key[0]}\n{key[1] or ''} {key[2] or '?'} ep{' smoke' if key[3] else ''}", xlabel='labelled fraction',
+               ylabel=rs[0]['metric'])
+        if all(0 <= r['mean'] <= 1 for r in rs): ax.set_ylim(0, 1.18)  # room for the labels above the bars
+        ax.title.set_fontsize(8)
+    handles = {l: h for ax in axs[0] for h, l in zip(*ax.get_legend_handles_labels())}  # every init of every panel
+    if handles: fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=4, fontsize=7, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
-REPORT_COLUMNS = ('experiment', 'tag', 'status', 'dataset', 'init', 'labels', 'metric', 'value', 'paper', 'wall_s')
+REPORT_COLUMNS = ('experiment', 'tag', 'status', 'dataset', 'init', 'labels', 'arch', 'epochs', 'smoke', 'seed', 'metric',
+                  'value', 'paper', 'wall_s')
 
-def comparison_table(rows:Sequence[Mapping]) -> str:
-    "Fine-tuning results side by side: a row per experiment, a column per (labelled fraction, initialisation)."
-    rows = [r for r in rows if r['status'] == 'ok' and r['label_fraction'] is not None and r['value'] is not None]
+def comparison_table(summary:Sequence[Mapping]) -> str:
+    "Fine-tuning results side by side: a row per task setting, a column per (labelled fraction, initialisation), mean ± sd (n seeds)."
+    rows = [r for r in summary if r['label_fraction'] is not None]
     if not rows: return ''
+    def row_key(r):  # the setting without label fraction, initialisation and weights: the columns vary those
+        name, params = json.loads(r['setting'])
+        return json.dumps([name, {k: v for k, v in params.items() if k not in ('label_fraction', 'init', 'checkpoint')}],
+                          sort_keys=True)
     cols = sorted({(r['label_fraction'], str(r['init'])) for r in rows}, key=lambda c: (c[0], c[1] != 'scratch', c[1]))
     out = []
-    for key in dict.fromkeys((r['experiment'], r['dataset'], r['metric']) for r in rows):
-        line = dict(experiment=key[0], dataset=key[1], metric=key[2])
-        for f, init in cols:  # the mean over repeated runs of a setting
-            vs = [r['value'] for r in rows if (r['experiment'], r['dataset'], r['metric']) == key
-                  and (r['label_fraction'], str(r['init'])) == (f, init)]
-            line[f'{init} {f:.0%}'] = f'{sum(vs) / len(vs):.3f}' if vs else ''
+    for key in dict.fromkeys(row_key(r) for r in rows):
+        rs = [r for r in rows if row_key(r) == key]
+        line = {k: rs[0][k] for k in ('experiment', 'dataset', 'arch', 'epochs', 'smoke', 'metric')}
+        for f, init in cols:
+            cell = [r for r in rs if (r['label_fraction'], str(r['init'])) == (f, init)]
+            line[f'{init} {f:.0%}'] = ' / '.join(fmt_mean_sd(c['mean'], c['sd'], c['n']) for c in cell)  # 2+: other weights
         out.append(line)
     return markdown_table(out)
+
+def summary_table(summary:Sequence[Mapping]) -> str:
+    "Every setting (fine-tuning or not) with mean ± sd over its seeds."
+    return markdown_table([dict(r, value=fmt_mean_sd(r['mean'], r['sd'], r['n']), seeds=','.join(map(str, r['seeds'])))
+                           for r in summary],
+                          ('experiment', 'dataset', 'init', 'labels', 'arch', 'epochs', 'smoke', 'metric', 'value', 'seeds', 'paper'))
 
 def report(runs_dir:str|Path='runs', # root of the run folders
            name:str|None=None, # only this experiment
            tag:str|None=None, # only tags matching this glob pattern
            write:bool=True, # write `report.md` and `report.png` into `runs_dir`
           ) -> str:
-    "A markdown table of every run (and a figure of the primary metrics, saved next to it)."
+    "Markdown tables: the fine-tuning comparison and every setting (mean ± sd over seeds), then every run; and a figure."
     rows = report_rows(list_runs(runs_dir, name, tag))
     if not rows: return f'No runs under {runs_dir}.'
-    table = markdown_table(rows, REPORT_COLUMNS)
-    if comparison := comparison_table(rows): table = comparison + '\n\nAll runs:\n\n' + table
+    summary = summarize(rows)
+    parts = []
+    if comparison := comparison_table(summary): parts.append('Fine-tuning, mean ± sd over seeds (n = seeds):\n\n' + comparison)
+    if summary: parts.append('Every setting (runs that differ only in their seed):\n\n' + summary_table(summary))
+    parts.append('All runs:\n\n' + markdown_table(rows, REPORT_COLUMNS))
+    table = '\n\n'.join(parts)
     if write:
         import matplotlib.pyplot as plt
-        fig = report_figure(rows)
+        fig = report_figure(summary)
         _save_png(fig, Path(runs_dir)/'report.png'); plt.close(fig)
         _write_atomic(Path(runs_dir)/'report.md', table + '\n')
     return table
+
 
 # %% ../nbs/06_experiments.ipynb #dd4a30ba
 def torchrun_command(module:str, # module with a `--config FILE` command line, e.g. 'unimiss.pretrain'
@@ -560,6 +614,7 @@ def _frac_tag(f:float) -> str: return f'{round(100 * f):g}pct'
 def study(runs_dir:str|Path='runs', # root of the run folders
           label_fractions:Sequence[float]=(0.25, 1.0), # labelled fractions of each fine-tuning task
           inits:Sequence[str]=('scratch', 'unimiss'), # initialisations to compare
+          seeds:Sequence[int]=(0, 1, 2), # fine-tuning seeds of every (task, init, fraction) cell
           experiments:Sequence[str]=FINETUNE_EXPERIMENTS, # fine-tuning experiments to run
           fetch:bool=True, # fetch the sample corpus first (`unimiss.samples`)
           resume:bool=True, # skip runs already finished with the same parameters
@@ -567,6 +622,11 @@ def study(runs_dir:str|Path='runs', # root of the run folders
          ) -> str:
     "Pretrain on the sample corpus, fine-tune every sample task from each `inits` at each fraction; the report table."
     t0 = time.time()
+    for f in label_fractions:
+        if not 0 < f <= 1: raise ValueError(f"label fractions must be in (0, 1], got {f}")
+    if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    for init in inits: check_choice('init', init, ('scratch', 'unimiss'))
+    for exp in experiments: notebook_path(exp, experiments_dir)  # unknown names fail here, before any kernel starts
     if fetch:
         from unimiss import samples
         logger.info("sample corpus: %s", samples.prepare_samples(progress=False)['root'])
@@ -576,11 +636,12 @@ def study(runs_dir:str|Path='runs', # root of the run folders
     for exp in experiments:
         for init in inits:
             for f in label_fractions:
-                over = dict(init=init, label_fraction=float(f))
-                if init != 'scratch': over['checkpoint'] = weights
-                # new pretrained weights: the runs that start from them are redone
-                _run_or_skip(exp, [f'{exp}_sample'], over, f'study-{init}-{_frac_tag(f)}', runs_dir,
-                             experiments_dir, resume and not (pretrained_again and init != 'scratch'))
+                for seed in seeds:
+                    over = dict(init=init, label_fraction=float(f), seed=int(seed))
+                    if init != 'scratch': over['checkpoint'] = weights
+                    # new pretrained weights: the runs that start from them are redone
+                    _run_or_skip(exp, [f'{exp}_sample'], over, f'study-{init}-{_frac_tag(f)}-seed{seed}', runs_dir,
+                                 experiments_dir, resume and not (pretrained_again and init != 'scratch'))
     logger.info("study finished in %.1f min", (time.time() - t0) / 60)
     return report(runs_dir, tag='study*')
 
@@ -608,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument('--tag', default=None, help="only tags matching this pattern, e.g. 'study-*'")
     s = add('study', help='fetch the samples, pretrain, fine-tune (scratch vs pretrained, two label fractions), report')
     s.add_argument('--fractions', type=float, nargs='+', default=[0.25, 1.0], help='labelled fractions (default: 0.25 1.0)')
+    s.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='fine-tuning seeds per cell (default: 0 1 2)')
     s.add_argument('--no-fetch', action='store_true', help='do not fetch the sample corpus first')
     s.add_argument('--restart', action='store_true', help='re-run every step, even those already finished')
     return p
@@ -640,7 +702,7 @@ def main(argv:Sequence[str]|None=None) -> int:
             print(report(args.runs_dir, args.name, args.tag))
         elif args.command == 'study':
             t0 = time.time()
-            print(study(args.runs_dir, args.fractions, fetch=not args.no_fetch, resume=not args.restart,
+            print(study(args.runs_dir, args.fractions, seeds=args.seeds, fetch=not args.no_fetch, resume=not args.restart,
                         experiments_dir=args.experiments_dir))
             print(f'\nstudy wall time: {(time.time() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores')
     except ExperimentFailed as e:
