@@ -216,3 +216,27 @@ def test_installed_wheel_runs_experiments(corpus, tmp_path):
     assert m['dataset'] == 'sample' and m['metrics'][m['primary']] is not None
     assert str(venv) in json.loads((run_dir/'run.json').read_text())['notebook'], 'the notebook must be the packaged copy'
     print(listed, out[-800:], sep='\n')
+
+
+def test_direct_papermill_run_is_recorded(toy, tmp_path):
+    "A notebook executed by papermill itself (not the runner) still leaves a run record that `list_runs` and `report` see."
+    import papermill as pm
+    nbs, runs = toy
+    run_dir = runs/'toy'/'direct'
+    pm.execute_notebook(str(nbs/'toy.ipynb'), str(tmp_path/'out.ipynb'), parameters=dict(n=10, run_dir=str(run_dir)),
+                        kernel_name='python3', progress_bar=False)
+    rec = json.loads((run_dir/'run.json').read_text())
+    assert rec['runner'] == 'direct' and rec['status'] == 'ok' and rec['wall_s'] >= 0
+    assert [(r['tag'], r['status']) for r in ex.list_runs(runs)] == [('direct', 'ok')]
+    assert '| toy | direct | ok |' in ex.report(runs, write=False)
+
+
+def test_refused_commands_leave_nothing(tmp_path, capsys):
+    "Bad study arguments are refused before any kernel starts, with one line and no run folder."
+    runs = tmp_path/'runs'
+    assert ex.main(['study', '--fractions', '2.0', '--no-fetch', '--runs-dir', str(runs)]) == 2
+    assert 'label fractions must be in (0, 1], got 2.0' in capsys.readouterr().err and not runs.exists()
+    assert ex.main(['study', '--seeds', '1', '1', '--no-fetch', '--runs-dir', str(runs)]) == 2 and not runs.exists()
+    assert ex.main(['run', 'finetune_cls2d', '--help']) == 0
+    out = capsys.readouterr().out
+    assert 'parameters of finetune_cls2d' in out and '| label_fraction | float | 1.0 |' in out

@@ -31,7 +31,7 @@ def demo(tmp_path_factory):
 @pytest.mark.parametrize('name', ['bcv', 'ricord', 'jsrt', 'chestxr'])
 def test_paper_protocol_smoke(demo, tmp_path, name):
     pr = PROTOCOLS[name]
-    m = finetune(dict(protocol=name, smoke=True, data_root=str(demo / name), out_dir=str(tmp_path)))
+    m = finetune(dict(protocol=name, smoke=True, data_root=str(demo / name), out_dir=str(tmp_path), keep_last=True))
     extra = {'figures/roc.png'} if pr.kind == 'classification' else {'figures/overlays.png'}
     assert files(tmp_path) == OUTPUTS | extra
     saved = json.loads((tmp_path / 'metrics.json').read_text())

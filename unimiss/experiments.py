@@ -21,9 +21,10 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS', 'REPORT_COLUMNS', 'find_experiments_dir',
            'repo_root', 'configs_dir', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
            'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice', 'save_metrics',
-           'save_figure', 'flatten_metrics', 'ExperimentFailed', 'run_experiment', 'paper_value', 'list_runs',
-           'report_rows', 'mean_sd', 'summarize', 'fmt_mean_sd', 'markdown_table', 'report_figure', 'comparison_table',
-           'summary_table', 'report', 'torchrun_command', 'launch_torchrun', 'study', 'build_parser', 'main']
+           'save_figure', 'flatten_metrics', 'ExperimentFailed', 'progress_line', 'run_experiment', 'paper_value',
+           'list_runs', 'report_rows', 'mean_sd', 'summarize', 'fmt_mean_sd', 'markdown_table', 'report_figure',
+           'comparison_table', 'summary_table', 'report', 'torchrun_command', 'launch_torchrun', 'where_results',
+           'study', 'build_parser', 'main']
 
 # %% ../nbs/06_experiments.ipynb #06c1a2c9
 EXPERIMENTS_ENV = 'UNIMISS_EXPERIMENTS_DIR'
@@ -220,6 +221,12 @@ def start_run(name:str, # experiment name
     "Create the run folder, save `config.yaml` there and log to `log.txt`; returns the folder."
     run = run_folder(name, run_dir)
     save_yaml(run/'config.yaml', config)
+    rec = run/'run.json'
+    if not rec.is_file() or json.loads(rec.read_text()).get('runner') == 'direct':  # papermill directly, Jupyter: record it too
+        _write_atomic(run/'run.json', json.dumps(_plain(dict(
+            name=name, tag=run.name, status='running', runner='direct', params=dict(config),
+            started=datetime.datetime.now().isoformat(timespec='seconds'), unimiss_version=unimiss.__version__,
+            host=platform.node(), pid=os.getpid(), python=platform.python_version())), indent=1))
     _attach_log(run)
     logger.info("experiment %s: run folder %s", name, run)
     return run
@@ -245,6 +252,12 @@ def save_metrics(run_dir:str|Path, # the run folder
     if primary not in metrics: raise ValueError(f"primary metric {primary!r} is not among {list(metrics)}")
     out = dict(metrics=metrics, primary=primary, **_plain(info))
     _write_atomic(Path(run_dir)/'metrics.json', json.dumps(out, indent=1))
+    rec_path = Path(run_dir)/'run.json'
+    rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    if rec.get('runner') == 'direct':  # the runner closes its own records; a direct run ends here
+        started = datetime.datetime.fromisoformat(rec['started'])
+        rec.update(status='ok', wall_s=round((datetime.datetime.now() - started).total_seconds(), 2))
+        _write_atomic(rec_path, json.dumps(rec, indent=1))
     return out
 
 def save_figure(fig, # a matplotlib figure, or the path of a PNG file to copy
@@ -309,6 +322,54 @@ def _this_python_kernel():
             return self._kernel_spec
     return ThisPythonKernel
 
+_EPOCH = re.compile(r'INFO unimiss\.(pretrain|tasks): epoch (\d+)(?: \((\dD)\))?: (\{.*\})$')
+
+def _total_epochs(run_dir:Path) -> int|None:
+    "The `epochs` of a run's saved config (top level or one level down), once the notebook has written it."
+    try: cfg = yaml.safe_load((run_dir/'config.yaml').read_text()) or {}
+    except (OSError, yaml.YAMLError): return None
+    for d in (cfg, *(v for v in cfg.values() if isinstance(v, Mapping))):
+        if isinstance(d.get('epochs'), int): return d['epochs']
+    return None
+
+def progress_line(line:str, run_dir:Path, elapsed:float) -> str|None:
+    "A console line for an epoch record of the run's `log.txt` (epoch, loss and validation metric, ETA), else None."
+    m = _EPOCH.search(line.rstrip())
+    if not m: return None
+    module, n, dim, rec = m.groups()
+    try: rec = ast.literal_eval(rec)
+    except (ValueError, SyntaxError): rec = {}
+    done = int(n) + (module == 'pretrain')  # pretraining counts epochs from 0
+    total = _total_epochs(run_dir)
+    shown = [f"{k} {v:.4g}" for k, v in rec.items() if k in ('loss', 'train_loss') or k.startswith('val_')]
+    eta = f", ETA {elapsed / done * (total - done):.0f} s" if total and done else ''
+    return (f"  {run_dir.parent.name}/{run_dir.name}: epoch {done}{f'/{total}' if total else ''}{f' ({dim})' if dim else ''}"
+            f"{': ' + ', '.join(shown) if shown else ''} [{elapsed:.0f} s{eta}]")
+
+class _Progress:
+    "Print a progress line per epoch of a running experiment (tailing its `log.txt`) to stderr, from a thread."
+    def __init__(self, run_dir:Path, quiet:bool):
+        import threading
+        self.run_dir, self.quiet, self.t0 = run_dir, quiet, time.time()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+    def __enter__(self):
+        if not self.quiet: self.thread.start()
+        return self
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive(): self.thread.join(timeout=5)
+    def _watch(self):
+        pos, path = 0, self.run_dir/'log.txt'
+        while True:
+            stopping = self.stop.wait(1.0)
+            if path.is_file():
+                with open(path) as f:
+                    f.seek(pos); lines = f.readlines(); pos = f.tell()
+                for line in lines:
+                    if (out := progress_line(line, self.run_dir, time.time() - self.t0)): print(out, file=sys.stderr, flush=True)
+            if stopping: return
+
 def _write_record(run_dir:Path, record:dict):
     _write_atomic(run_dir/'run.json', json.dumps(_plain(record), indent=1))
 
@@ -321,6 +382,7 @@ def run_experiment(name:str, # experiment name ('pretrain', 'finetune_seg3d', ..
                    overwrite:bool=False, # replace an existing run folder with the same tag
                    kernel_name:str|None=None, # Jupyter kernel; default: the notebook's, else 'python3'
                    progress:bool=False, # papermill's progress bar
+                   quiet:bool=True, # False: a console line per epoch (epoch, loss, validation metric, ETA)
                   ) -> Path:
     "Execute an experiment notebook through papermill into `runs_dir/<name>/<tag>/`; returns that folder."
     pm = _papermill()
@@ -356,8 +418,9 @@ def run_experiment(name:str, # experiment name ('pretrain', 'finetune_seg3d', ..
         # the default kernel is this interpreter, so a run uses the unimiss (venv, checkout) the runner uses
         engine = dict(kernel_manager_class=_this_python_kernel()) if kernel_name is None and kernel == 'python3' else {}
         try:
-            pm.execute_notebook(str(nb), str(run_dir/f'{name}.ipynb'), parameters=params, kernel_name=kernel,
-                                progress_bar=progress, cwd=os.getcwd(), **engine)
+            with _Progress(run_dir, quiet):
+                pm.execute_notebook(str(nb), str(run_dir/f'{name}.ipynb'), parameters=params, kernel_name=kernel,
+                                    progress_bar=progress, cwd=os.getcwd(), **engine)
         except pm.PapermillExecutionError as e:
             msg = f"cell {e.exec_count} raised {e.ename}: {e.evalue}"
             record.update(status='failed', error=msg, wall_s=round(time.time() - t0, 2))
@@ -599,17 +662,34 @@ def _finished_with(run_dir:Path, params:Mapping) -> bool:
     old = {k: v for k, v in (rec.get('params') or {}).items() if k != 'run_dir'}
     return rec.get('status') == 'ok' and old == _plain(dict(params))
 
-def _run_or_skip(name, params_files, overrides, tag, runs_dir, experiments_dir, resume) -> tuple[Path, bool]:
+def _run_or_skip(name, params_files, overrides, tag, runs_dir, experiments_dir, resume, quiet=True) -> tuple[Path, bool]:
     "Run an experiment unless `resume` and it already finished with the same parameters; (run folder, whether it ran)."
     run_dir = Path(runs_dir)/name/tag
     params = resolve_params(name, params_files, overrides, experiments_dir)
     if resume and _finished_with(run_dir, params):
         logger.info("%s/%s already done, skipping", name, tag)
         return run_dir, False
+    logger.info("running %s/%s", name, tag)
     return run_experiment(name, params_files, overrides, tag=tag, runs_dir=runs_dir, experiments_dir=experiments_dir,
-                          overwrite=True), True
+                          overwrite=True, quiet=quiet), True
 
 def _frac_tag(f:float) -> str: return f'{round(100 * f):g}pct'
+
+def _disk_use(folder:Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob('*') if f.is_file())
+
+def where_results(runs_dir:str|Path, runs:Sequence[Path]=()) -> str:
+    "Closing lines of a command: where the report, figures and checkpoints are, and the disk space the runs take."
+    runs_dir = Path(runs_dir)
+    lines = [f"report: {runs_dir/'report.md'} (table), {runs_dir/'report.png'} (figure)"] if (runs_dir/'report.md').is_file() else []
+    for run in runs:
+        figs = sorted((run/'figures').glob('*.png'))
+        ckpts = sorted(p for p in run.rglob('*') if p.suffix in ('.pt', '.pth'))
+        lines.append(f"run {run}: {len(figs)} figure(s) in {run/'figures'}; checkpoint(s): " +
+                     (', '.join(str(c.relative_to(run)) for c in ckpts) or 'none'))
+    used = _disk_use(runs_dir) if runs_dir.is_dir() else 0
+    lines.append(f"disk used under {runs_dir}: {used / 2**20:.0f} MB (checkpoints are most of it)")
+    return '\n'.join(lines)
 
 def study(runs_dir:str|Path='runs', # root of the run folders
           label_fractions:Sequence[float]=(0.25, 1.0), # labelled fractions of each fine-tuning task
@@ -619,6 +699,7 @@ def study(runs_dir:str|Path='runs', # root of the run folders
           fetch:bool=True, # fetch the sample corpus first (`unimiss.samples`)
           resume:bool=True, # skip runs already finished with the same parameters
           experiments_dir:str|Path|None=None,
+          quiet:bool=True, # False: a console line per epoch of every run
          ) -> str:
     "Pretrain on the sample corpus, fine-tune every sample task from each `inits` at each fraction; the report table."
     t0 = time.time()
@@ -630,7 +711,7 @@ def study(runs_dir:str|Path='runs', # root of the run folders
     if fetch:
         from unimiss import samples
         logger.info("sample corpus: %s", samples.prepare_samples(progress=False)['root'])
-    pre, pretrained_again = _run_or_skip('pretrain', ['pretrain_sample'], {}, 'study', runs_dir, experiments_dir, resume)
+    pre, pretrained_again = _run_or_skip('pretrain', ['pretrain_sample'], {}, 'study', runs_dir, experiments_dir, resume, quiet)
     weights = json.loads((pre/'metrics.json').read_text()).get('weights')
     if not weights: raise RuntimeError(f"the pretraining run {pre} recorded no exported weights in metrics.json")
     for exp in experiments:
@@ -641,7 +722,7 @@ def study(runs_dir:str|Path='runs', # root of the run folders
                     if init != 'scratch': over['checkpoint'] = weights
                     # new pretrained weights: the runs that start from them are redone
                     _run_or_skip(exp, [f'{exp}_sample'], over, f'study-{init}-{_frac_tag(f)}-seed{seed}', runs_dir,
-                                 experiments_dir, resume and not (pretrained_again and init != 'scratch'))
+                                 experiments_dir, resume and not (pretrained_again and init != 'scratch'), quiet)
     logger.info("study finished in %.1f min", (time.time() - t0) / 60)
     return report(runs_dir, tag='study*')
 
@@ -651,13 +732,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument('--runs-dir', default='runs', help='root of the run folders (default: runs)')
     common.add_argument('--experiments-dir', default=None, help=f'folder of the experiment notebooks (default: the checkout; env {EXPERIMENTS_ENV})')
     common.add_argument('-v', '--verbose', action='store_true', help='log progress to stderr')
+    common.add_argument('-q', '--quiet', action='store_true', help='no per-epoch progress lines on the console')
     p = argparse.ArgumentParser(prog='unimiss-experiments', description='Run UniMiSS experiment notebooks (papermill) and report them.')
     sub = p.add_subparsers(dest='command', required=True)
     add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)
-    r = add('run', help='execute an experiment notebook into runs/<name>/<tag>/')
-    r.add_argument('name', help='experiment name (see `list`)')
+    r = sub.add_parser('run', parents=[common], add_help=False, help='execute an experiment notebook into runs/<name>/<tag>/',
+                       epilog="`run NAME --help` also lists the experiment's parameters (type, default, help).")
+    r.add_argument('-h', '--help', action='store_true', help="show this help and the parameters of NAME, and exit")
+    r.add_argument('name', nargs='?', help='experiment name (see `list`)')
     r.add_argument('-f', '--params-file', action='append', default=[], help='YAML parameter file (repeatable, applied in order)')
-    r.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='override one parameter (YAML value; repeatable)')
+    r.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help="override one parameter (repeatable); checked against the parameter's type, lists as 0.1,1")
     r.add_argument('--tag', default=None, help='run folder name (default: the start time)')
     r.add_argument('--overwrite', action='store_true', help='replace an existing run folder with the same tag')
     r.add_argument('--progress', action='store_true', help="show papermill's progress bar")
@@ -681,12 +765,17 @@ def main(argv:Sequence[str]|None=None) -> int:
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     if not args.verbose: logging.getLogger('papermill').setLevel(logging.WARNING)  # one line per run is enough
     try:
-        if args.command == 'run':
+        if args.command == 'run' and args.help:
+            print(_subparser(build_parser(), 'run').format_help())
+            if args.name: print(f'parameters of {args.name}:\n\n' + _params_table(args.name, args.experiments_dir))
+        elif args.command == 'run':
+            if not args.name: raise ValueError("run needs an experiment name (see `unimiss-experiments list`)")
             run = run_experiment(args.name, args.params_file, args.param, tag=args.tag, runs_dir=args.runs_dir,
-                                 experiments_dir=args.experiments_dir, overwrite=args.overwrite, progress=args.progress)
-            print(run)
+                                 experiments_dir=args.experiments_dir, overwrite=args.overwrite, progress=args.progress,
+                                 quiet=args.quiet)
             m = run/'metrics.json'
             if m.is_file(): print(json.dumps(json.loads(m.read_text()), indent=1))
+            print(where_results(args.runs_dir, [run]))
         elif args.command == 'list':
             print('experiments: ' + ', '.join(list_experiments(args.experiments_dir)))
             runs = list_runs(args.runs_dir)
@@ -694,22 +783,29 @@ def main(argv:Sequence[str]|None=None) -> int:
                          wall_s=r.get('wall_s'), path=r['path']) for r in runs]
             print(markdown_table(rows) if rows else f'no runs under {args.runs_dir}')
         elif args.command == 'params':
-            nb = notebook_path(args.name, args.experiments_dir)
-            rows = [dict(name=k, type=v['type'], default=repr(v['default']), help=v['help'])
-                    for k, v in notebook_parameters(nb).items()]
-            print(markdown_table(rows))
+            print(_params_table(args.name, args.experiments_dir))
         elif args.command == 'report':
             print(report(args.runs_dir, args.name, args.tag))
         elif args.command == 'study':
             t0 = time.time()
             print(study(args.runs_dir, args.fractions, seeds=args.seeds, fetch=not args.no_fetch, resume=not args.restart,
-                        experiments_dir=args.experiments_dir))
+                        experiments_dir=args.experiments_dir, quiet=args.quiet))
             print(f'\nstudy wall time: {(time.time() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores')
+            print(where_results(args.runs_dir) + f"\nruns: {Path(args.runs_dir)}/<experiment>/study*/ (each: notebook, "
+                  "config, metrics, figures, log; fine-tuning checkpoints under finetune/checkpoints/)")
     except ExperimentFailed as e:
         print(f'error: {e}', file=sys.stderr); return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr); return 2
     return 0
+
+def _subparser(parser:argparse.ArgumentParser, name:str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+def _params_table(name:str, experiments_dir=None) -> str:
+    "The parameters of an experiment notebook as a markdown table (name, type, default, help)."
+    return markdown_table([dict(name=k, type=v['type'], default=repr(v['default']), help=v['help'])
+                           for k, v in notebook_parameters(notebook_path(name, experiments_dir)).items()])
 
 def _in_notebook() -> bool: return hasattr(builtins, '__IPYTHON__')
 

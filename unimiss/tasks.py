@@ -363,6 +363,7 @@ class FinetuneConfig(Config):
     max_cases:int = 0 # at most this many cases per split (0: all), drawn with the seed (smoke runs, debugging)
     smoke:bool = False # apply the protocol's smoke preset
     progress:bool = True # tqdm progress bars
+    keep_last:bool = False # also keep `checkpoints/last.pt` (the last epoch); the selected `best.pt` is always kept
     options:dict = field(default_factory=dict) # protocol-specific settings (split files, sample-task knobs)
 
     def _check(self) -> list[str]:
@@ -1018,6 +1019,7 @@ def train(model:nn.Module, protocol:Protocol, cfg:FinetuneConfig, train_ds:CaseD
             break
     if best['epoch'] is None:  # no (usable) validation: the last model is the selected one
         atomic_write(ckpt / 'best.pt', lambda t: t.write_bytes((ckpt / 'last.pt').read_bytes()))
+    if not cfg.keep_last: (ckpt / 'last.pt').unlink(missing_ok=True)  # a study of many runs would keep GBs of them
     best['seconds'] = time.perf_counter() - t0
     return history, best
 
