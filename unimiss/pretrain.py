@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
 import unimiss
-from .config import PRECISIONS, Config, resolve_device, seed_everything
+from .config import PRECISIONS, Config, check_precision, resolve_device, seed_everything
 from .mit import MiT, canonical_arch, mit_micro, mit_small, mit_tiny, size_multiple
 from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
@@ -234,8 +234,7 @@ class SelfDistillation:
                  device:torch.device|str='cpu',
                  distributed:bool=False): # wrap the student in DistributedDataParallel
         self.cfg, self.device = cfg, torch.device(device)
-        if cfg.precision == 'fp16' and self.device.type != 'cuda':
-            raise ValueError(f"precision 'fp16' needs a CUDA device (got {self.device}); use 'bf16' or '32'")
+        check_precision(cfg.precision, self.device)
         head = DINOHead(backbone.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer)
         self.student = SelfDistillationNet(backbone, head).to(self.device)
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)

@@ -27,7 +27,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from .config import PRECISIONS, Config, check_keys, coerce, read_yaml, resolve_device, seed_everything
+from .config import PRECISIONS, Config, check_keys, check_precision, coerce, read_yaml, resolve_device, seed_everything
 from .data import atomic_write, hu_to_intensity, read_image
 from .finetune import ARCHS, build_model, deep_supervision_weights
 from .mit import canonical_arch, size_multiple
@@ -932,7 +932,7 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
     atomic_write(out / 'config.yaml', lambda t: t.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     seed_everything(cfg.seed, deterministic=True)
     device = resolve_device(cfg.device)
-    if cfg.precision == 'fp16' and device.type != 'cuda': raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or '32'")
+    check_precision(cfg.precision, device)
     splits = get_splits(cfg)
     counts = {k: len(v) for k, v in splits.items()}
     log.info("%s: cases %s", cfg.protocol, counts)
