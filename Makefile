@@ -1,6 +1,6 @@
 # `make test` is the project's test command (README, CI). Run from the repository root.
 SHELL := /bin/bash
-.PHONY: test check-clean check-export nbtest pytest bench readme
+.PHONY: test check-clean check-export nbtest pytest test-wheel bench readme
 
 test: check-clean check-export nbtest pytest
 
@@ -19,6 +19,10 @@ nbtest:
 
 pytest:
 	python -m pytest -q tests
+
+# only the installed-wheel check (part of `pytest`): build the wheel, install it into a fresh venv, run an experiment
+test-wheel:
+	python -m pytest -q -m wheel tests
 
 bench:
 	python bench/bench_mit.py

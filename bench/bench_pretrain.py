@@ -130,7 +130,7 @@ def compare(sd, views, hp, a):
 
 def setup(a, batch):
     "A `SelfDistillation` on `a.device` and two random views of `batch` CT sub-volumes."
-    cfg = load_config(arch='mit_tiny', out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
+    cfg = load_config(arch='tiny', out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
                       precision=a.precision, synthetic=1, num_workers=0, progress=False)
     sd = SelfDistillation(build_backbone(cfg), cfg, a.device)
     if a.compile:

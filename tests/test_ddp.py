@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-TINY = dict(arch='mit_micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, batch_size_2d=1, batch_size_3d=1,
+TINY = dict(arch='micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, batch_size_2d=1, batch_size_3d=1,
             synthetic=4, num_workers=0, progress=False, epochs=2, interval=1, warmup_epochs=1, drop_path_rate=0.1)
 
 

@@ -182,3 +182,61 @@ def test_pretrain_under_torchrun(smoke_runs):
                             tag='ddp', runs_dir=smoke_runs)
     m = json.loads((run/'metrics.json').read_text())
     assert Path(m['weights']).is_file() and (run/'torchrun.log').is_file()
+
+
+# ---- from an installed wheel -----------------------------------------------------------------------------------------
+
+@pytest.mark.wheel
+def test_installed_wheel_runs_experiments(corpus, tmp_path):
+    "Build the wheel, install it into a fresh venv, and run `list` and one smoke experiment from an unrelated folder."
+    dist, venv, work = tmp_path/'dist', tmp_path/'venv', tmp_path/'elsewhere'
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', ex.EXPERIMENTS_ENV)}
+    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PIP_DISABLE_PIP_VERSION_CHECK='1', MPLBACKEND='Agg')
+    def run(*cmd, cwd=work, timeout=300):
+        r = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0, f"{' '.join(map(str, cmd))} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+    run(sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', dist, ROOT, cwd=tmp_path)
+    wheel, = dist.glob('unimiss-*.whl')
+    run(sys.executable, '-m', 'venv', '--system-site-packages', venv)  # torch & co. from this environment
+    py = venv/'bin'/'python'
+    run(py, '-m', 'pip', 'install', '--no-deps', '-q', wheel)
+    where = run(py, '-c', 'import unimiss, pathlib; print(pathlib.Path(unimiss.__file__).parent)').strip()
+    assert Path(where).is_relative_to(venv), f'the venv imports unimiss from {where}, not from the wheel'
+    listed = run(venv/'bin'/'unimiss-experiments', 'list')
+    assert listed.startswith('experiments: ') and all(e in listed for e in ('pretrain', *ex.FINETUNE_EXPERIMENTS))
+    params = run(venv/'bin'/'unimiss-experiments', 'params', 'finetune_cls2d')
+    assert '| label_fraction | float |' in params
+    shipped = run(py, '-c', "from unimiss.experiments import read_params_file as r; print(r('pretrain_sample')['arch'])")
+    assert shipped.strip() == 'tiny', 'the parameter files ship with the package'
+    out = run(venv/'bin'/'unimiss-experiments', 'run', 'finetune_cls2d', '--tag', 'wheel', timeout=600)  # smoke defaults
+    run_dir = work/'runs'/'finetune_cls2d'/'wheel'
+    m = json.loads((run_dir/'metrics.json').read_text())
+    assert m['dataset'] == 'sample' and m['metrics'][m['primary']] is not None
+    assert str(venv) in json.loads((run_dir/'run.json').read_text())['notebook'], 'the notebook must be the packaged copy'
+    print(listed, out[-800:], sep='\n')
+
+
+def test_direct_papermill_run_is_recorded(toy, tmp_path):
+    "A notebook executed by papermill itself (not the runner) still leaves a run record that `list_runs` and `report` see."
+    import papermill as pm
+    nbs, runs = toy
+    run_dir = runs/'toy'/'direct'
+    pm.execute_notebook(str(nbs/'toy.ipynb'), str(tmp_path/'out.ipynb'), parameters=dict(n=10, run_dir=str(run_dir)),
+                        kernel_name='python3', progress_bar=False)
+    rec = json.loads((run_dir/'run.json').read_text())
+    assert rec['runner'] == 'direct' and rec['status'] == 'ok' and rec['wall_s'] >= 0
+    assert [(r['tag'], r['status']) for r in ex.list_runs(runs)] == [('direct', 'ok')]
+    assert '| toy | direct | ok |' in ex.report(runs, write=False)
+
+
+def test_refused_commands_leave_nothing(tmp_path, capsys):
+    "Bad study arguments are refused before any kernel starts, with one line and no run folder."
+    runs = tmp_path/'runs'
+    assert ex.main(['study', '--fractions', '2.0', '--no-fetch', '--runs-dir', str(runs)]) == 2
+    assert 'label fractions must be in (0, 1], got 2.0' in capsys.readouterr().err and not runs.exists()
+    assert ex.main(['study', '--seeds', '1', '1', '--no-fetch', '--runs-dir', str(runs)]) == 2 and not runs.exists()
+    assert ex.main(['run', 'finetune_cls2d', '--help']) == 0
+    out = capsys.readouterr().out
+    assert 'parameters of finetune_cls2d' in out and '| label_fraction | float | 1.0 |' in out

@@ -31,7 +31,7 @@ def demo(tmp_path_factory):
 @pytest.mark.parametrize('name', ['bcv', 'ricord', 'jsrt', 'chestxr'])
 def test_paper_protocol_smoke(demo, tmp_path, name):
     pr = PROTOCOLS[name]
-    m = finetune(dict(protocol=name, smoke=True, data_root=str(demo / name), out_dir=str(tmp_path)))
+    m = finetune(dict(protocol=name, smoke=True, data_root=str(demo / name), out_dir=str(tmp_path), keep_last=True))
     extra = {'figures/roc.png'} if pr.kind == 'classification' else {'figures/overlays.png'}
     assert files(tmp_path) == OUTPUTS | extra
     saved = json.loads((tmp_path / 'metrics.json').read_text())
@@ -61,12 +61,12 @@ def test_yaml_config_and_label_fraction(demo, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['epoch'\]"): load_config(dict(protocol='bcv', epoch=3))
+    with pytest.raises(ValueError, match=r"unknown fine-tuning config key\(s\): 'epoch' \(did you mean 'epochs'\?\)"): load_config(dict(protocol='bcv', epoch=3))
     with pytest.raises(ValueError, match="label_fraction must be in"): load_config(dict(protocol='bcv', label_fraction=0))
     with pytest.raises(ValueError, match="img_size must be 3 sizes"): load_config(dict(protocol='bcv', img_size=[48, 100, 100]))
     with pytest.raises(ValueError, match="spacing must be three"): load_config(dict(protocol='ricord', spacing=[2, 2]))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['lists'\]"): load_config(dict(protocol='ricord', options=dict(lists='x')))
-    with pytest.raises(ValueError, match="batch_size: expected int"): load_config(dict(protocol='jsrt', batch_size=2.5))
+    with pytest.raises(ValueError, match="batch_size must be int, got 2.5"): load_config(dict(protocol='jsrt', batch_size=2.5))
     with pytest.raises(ValueError, match="deep_supervision is for segmentation"): load_config(dict(protocol='chestxr', deep_supervision=True))
     with pytest.raises(FileNotFoundError, match="config file not found"): load_config('nope.yaml')
     with pytest.raises(ValueError, match="needs `data_root`"): finetune(dict(protocol='jsrt', smoke=True))
@@ -126,7 +126,7 @@ def test_init_from_real_pretraining_run(tmp_path, demo):
     "A (tiny, synthetic-data) `unimiss.pretrain` run: its training checkpoint and both exports initialise the same model."
     from unimiss.pretrain import pretrain
     out = tmp_path / 'pre'
-    res = pretrain(dict(synthetic=2, arch='mit_tiny', img_size_2d=64, img_size_3d=(16, 64, 64), epochs=2, interval=1,
+    res = pretrain(dict(synthetic=2, arch='tiny', img_size_2d=64, img_size_3d=(16, 64, 64), epochs=2, interval=1,
                         batch_size_2d=2, batch_size_3d=2, out_dim=32, warmup_epochs=0, device='cpu', num_workers=0,
                         output_dir=str(out), progress=False))
     ckpt = out / 'checkpoint.pth'

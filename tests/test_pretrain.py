@@ -1,5 +1,5 @@
 """Integration tests of `unimiss.pretrain`: exact resume, 3D weights frozen in 2D epochs, atomic checkpoints,
-non-finite loss, command line. Tiny model (`mit_micro` on 64-pixel inputs), 64 prototypes, synthetic data."""
+non-finite loss, command line. Tiny model (`micro` MiT on 64-pixel inputs), 64 prototypes, synthetic data."""
 import os
 import signal
 import subprocess
@@ -15,7 +15,7 @@ import yaml
 from unimiss.pretrain import (PretrainConfig, SyntheticViews, load_checkpoint, load_config, pretrain, read_log,
                               save_checkpoint)
 
-TINY = dict(arch='mit_micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, batch_size_2d=2, batch_size_3d=1,
+TINY = dict(arch='micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, batch_size_2d=2, batch_size_3d=1,
             synthetic=2, num_workers=0, progress=False, warmup_epochs=1, interval=1, drop_path_rate=0.1, lr=5e-3)
 REPO = Path(__file__).resolve().parents[1]
 

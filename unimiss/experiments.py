@@ -13,25 +13,28 @@ from typing import Mapping, Sequence
 import yaml
 
 import unimiss
+from .config import coerce, kind_of, read_yaml, seed_everything, suggest
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS', 'REPORT_COLUMNS', 'find_experiments_dir',
-           'repo_root', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
-           'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice',
-           'seed_everything', 'save_metrics', 'save_figure', 'flatten_metrics', 'ExperimentFailed', 'run_experiment',
-           'paper_value', 'list_runs', 'report_rows', 'markdown_table', 'report_figure', 'comparison_table', 'report',
-           'torchrun_command', 'launch_torchrun', 'study', 'build_parser', 'main']
+           'repo_root', 'configs_dir', 'list_experiments', 'notebook_path', 'notebook_parameters', 'parse_override',
+           'read_params_file', 'resolve_params', 'run_folder', 'save_yaml', 'start_run', 'check_choice', 'save_metrics',
+           'save_figure', 'flatten_metrics', 'ExperimentFailed', 'progress_line', 'run_experiment', 'paper_value',
+           'list_runs', 'report_rows', 'mean_sd', 'summarize', 'fmt_mean_sd', 'markdown_table', 'report_figure',
+           'comparison_table', 'summary_table', 'report', 'torchrun_command', 'launch_torchrun', 'where_results',
+           'study', 'build_parser', 'main']
 
 # %% ../nbs/06_experiments.ipynb #06c1a2c9
 EXPERIMENTS_ENV = 'UNIMISS_EXPERIMENTS_DIR'
 FINETUNE_EXPERIMENTS = ('finetune_seg3d', 'finetune_cls3d', 'finetune_seg2d', 'finetune_cls2d')
 
-def _candidate_roots() -> list[Path]:
-    here = Path(unimiss.__file__).resolve().parent.parent
+def _candidates() -> list[Path]:
+    "Where experiment notebooks may be: the checkout of the imported package, its packaged copy, the current folders."
+    pkg = Path(unimiss.__file__).resolve().parent
     cwd = Path.cwd().resolve()
-    return [here, cwd, *cwd.parents]
+    return [pkg.parent/'nbs'/'experiments', pkg/'_experiments', *(d/'nbs'/'experiments' for d in (cwd, *cwd.parents))]
 
 def find_experiments_dir(path:str|Path|None=None, # a folder of experiment notebooks; default: search (see above)
                         ) -> Path:
@@ -42,18 +45,24 @@ def find_experiments_dir(path:str|Path|None=None, # a folder of experiment noteb
         if not path.is_dir(): raise FileNotFoundError(f"experiment notebook folder {path} does not exist")
         return path
     tried = []
-    for root in _candidate_roots():
-        cand = root/'nbs'/'experiments'
-        if cand.is_dir(): return cand
+    for cand in _candidates():
+        if cand.is_dir() and any(cand.glob('*.ipynb')): return cand
         tried.append(str(cand))
     raise FileNotFoundError(
-        "cannot find the experiment notebooks (nbs/experiments/); they come with a checkout of the repository, not "
-        f"with the installed package. Run from inside a unimiss checkout or set {EXPERIMENTS_ENV}=/path/to/nbs/experiments. "
-        f"Looked in: {', '.join(tried[:4])}{' ...' if len(tried) > 4 else ''}")
+        "cannot find the experiment notebooks: this installation has neither a checkout's nbs/experiments/ nor the "
+        f"packaged unimiss/_experiments/ (reinstall from a wheel built from the repository, or set "
+        f"{EXPERIMENTS_ENV}=/path/to/nbs/experiments). Looked in: {', '.join(tried[:4])}{' ...' if len(tried) > 4 else ''}")
 
 def repo_root(experiments_dir:str|Path|None=None) -> Path:
-    "The checkout holding the experiment notebooks (`nbs/experiments` → its grandparent)."
+    "The checkout holding the experiment notebooks (`nbs/experiments` → its grandparent; the package for its own copy)."
     return find_experiments_dir(experiments_dir).resolve().parent.parent
+
+def configs_dir(experiments_dir:str|Path|None=None) -> Path|None:
+    "The folder of YAML parameter files that goes with the experiment notebooks (`configs/` or `unimiss/_configs/`)."
+    nbs = find_experiments_dir(experiments_dir).resolve()
+    for cand in (nbs.parent.parent/'configs', nbs.parent/'_configs'):
+        if cand.is_dir(): return cand
+    return None
 
 def list_experiments(experiments_dir:str|Path|None=None) -> list[str]:
     "Names of the experiment notebooks (files starting with `_` or `.` are scratch and skipped)."
@@ -75,15 +84,15 @@ def notebook_path(name:str|Path, # experiment name, e.g. 'pretrain', or a path t
 def _papermill():
     try: import papermill
     except ImportError as e:
-        raise ImportError("running experiment notebooks needs papermill and ipykernel: "
-                          "pip install papermill ipykernel (or pip install -e '.[dev]')") from e
+        raise ImportError("running experiment notebooks needs papermill, nbformat and ipykernel: "
+                          "pip install 'unimiss[experiments]' (from a clone: pip install -e '.[experiments]')") from e
     return papermill
 
 def notebook_parameters(notebook:str|Path, # experiment notebook
                        ) -> dict:
     "The `parameters` cell of `notebook`: {name: dict(default=value, type=str, help=str)}."
+    pm = _papermill()  # first: it names the extra to install
     import nbformat
-    pm = _papermill()
     nb = nbformat.read(str(notebook), as_version=4)
     if nb.metadata.get('kernelspec', {}).get('name'): found = pm.inspect_notebook(str(notebook))
     else:  # papermill needs a kernel name to read the cell: inspect a copy that has one
@@ -97,53 +106,31 @@ def notebook_parameters(notebook:str|Path, # experiment notebook
         out[name] = dict(default=default, type=p['inferred_type_name'], help=p['help'])
     return out
 
-def parse_override(text:str, # 'key=value', value in YAML syntax
-                  ) -> tuple[str, object]:
-    "Split a command-line override into its key and YAML-parsed value."
+def parse_override(text:str, # 'key=value'
+                  ) -> tuple[str, str]:
+    "Split a command-line override into its key and its value (a string, converted by the parameter's type later)."
     key, eq, value = text.partition('=')
     if not eq or not key.strip(): raise ValueError(f"override {text!r} must look like key=value")
-    return key.strip(), yaml.safe_load(value) if value.strip() else ''
+    return key.strip(), value
 
-_FLOAT = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$')
-
-def _coerce(name:str, value, default, where:str):
-    "`value` converted to the type of `default` where that is unambiguous, else a ValueError naming `name`."
-    if default is None or value is None: return value
-    bad = ValueError(f"parameter {name!r} of {where} must be {type(default).__name__} (default {default!r}), got {value!r}")
-    if isinstance(default, bool):
-        if isinstance(value, bool): return value
-        raise bad
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool): return value
-        if isinstance(value, float) and value.is_integer(): return int(value)
-        raise bad
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool): return float(value)
-        if isinstance(value, str) and _FLOAT.match(value.strip()): return float(value)
-        raise bad
-    if isinstance(default, str):
-        if isinstance(value, str): return value
-        raise bad
-    if isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)): return list(value)
-        raise bad
-    return value
+def _param_value(name:str, value, default, where:str, from_command_line:bool):
+    "`value` as the type of the parameter's `default` (`unimiss.config.coerce`); untyped strings typed on a command line are read as YAML."
+    kind = kind_of(default)
+    if from_command_line and isinstance(value, str) and kind_of(None) == kind:
+        value = yaml.safe_load(value) if value.strip() else ''
+    return coerce(value, kind, f"parameter {name!r} of {where}")
 
 def read_params_file(path:str|Path, # YAML mapping; or the name of a file in `configs/` without `.yaml`
                      experiments_dir:str|Path|None=None) -> dict:
-    "The mapping in a YAML parameter file (found as given, else in the checkout's `configs/`)."
+    "The mapping in a YAML parameter file: as given, else the file of that name among the shipped ones (`configs_dir`)."
     p = Path(path).expanduser()
     if not p.is_file():
-        try:
-            root = repo_root(experiments_dir)
-            for cand in (root/p, root/'configs'/p, root/'configs'/f'{p}.yaml'):
-                if cand.is_file(): p = cand; break
-        except FileNotFoundError: pass
+        try: folder = configs_dir(experiments_dir)
+        except FileNotFoundError: folder = None
+        for cand in ((folder/p.name, folder/f'{p.name}.yaml') if folder else ()):
+            if cand.is_file(): p = cand; break
     if not p.is_file(): raise FileNotFoundError(f"parameter file {path} does not exist")
-    data = yaml.safe_load(p.read_text())
-    if data is None: return {}
-    if not isinstance(data, Mapping): raise ValueError(f"parameter file {p} must hold a mapping of names to values")
-    return dict(data)
+    return read_yaml(p, 'parameter file')
 
 def resolve_params(name:str, # experiment name or notebook path
                    params_files:Sequence[str|Path]=(), # YAML files, applied in order
@@ -155,14 +142,15 @@ def resolve_params(name:str, # experiment name or notebook path
     if not declared: raise ValueError(f"notebook {nb} has no cell tagged 'parameters'")
     values = {}
     for f in params_files: values.update(read_params_file(f, experiments_dir))
-    if overrides is not None and not isinstance(overrides, Mapping):
-        overrides = dict(parse_override(o) for o in overrides)
+    typed = overrides is None or isinstance(overrides, Mapping)
+    if not typed: overrides = dict(parse_override(o) for o in overrides)
     values.update(overrides or {})
     unknown = [k for k in values if k not in declared]
     if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for experiment {nb.stem!r}; "
-                         f"its parameters are: {', '.join(declared)}")
-    return {k: _coerce(k, v, declared[k]['default'], f"experiment {nb.stem!r}") for k, v in values.items()}
+        raise ValueError(f"unknown parameter(s) {', '.join(repr(k) + suggest(k, list(declared)) for k in unknown)} for "
+                         f"experiment {nb.stem!r}; its parameters are: {', '.join(declared)}")
+    where = f"experiment {nb.stem!r}"
+    return {k: _param_value(k, v, declared[k]['default'], where, not typed and k in overrides) for k, v in values.items()}
 
 # %% ../nbs/06_experiments.ipynb #bc52e11f
 def _toy_notebook(path:str|Path, fail:bool=False) -> Path:
@@ -233,6 +221,12 @@ def start_run(name:str, # experiment name
     "Create the run folder, save `config.yaml` there and log to `log.txt`; returns the folder."
     run = run_folder(name, run_dir)
     save_yaml(run/'config.yaml', config)
+    rec = run/'run.json'
+    if not rec.is_file() or json.loads(rec.read_text()).get('runner') == 'direct':  # papermill directly, Jupyter: record it too
+        _write_atomic(run/'run.json', json.dumps(_plain(dict(
+            name=name, tag=run.name, status='running', runner='direct', params=dict(config),
+            started=datetime.datetime.now().isoformat(timespec='seconds'), unimiss_version=unimiss.__version__,
+            host=platform.node(), pid=os.getpid(), python=platform.python_version())), indent=1))
     _attach_log(run)
     logger.info("experiment %s: run folder %s", name, run)
     return run
@@ -247,14 +241,6 @@ def check_choice(name:str, # parameter name, for the message
         raise ValueError(f"parameter {name} must be one of {shown}; got {value!r}")
     return value
 
-def seed_everything(seed:int, # seeds Python's, numpy's and torch's generators
-                   ):
-    "Seed the random generators an experiment uses (so CPU runs repeat exactly)."
-    import random
-    import numpy as np
-    import torch
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-
 def save_metrics(run_dir:str|Path, # the run folder
                  metrics:Mapping, # {name: number}
                  primary:str|None=None, # the metric the report shows (default: the first)
@@ -266,6 +252,12 @@ def save_metrics(run_dir:str|Path, # the run folder
     if primary not in metrics: raise ValueError(f"primary metric {primary!r} is not among {list(metrics)}")
     out = dict(metrics=metrics, primary=primary, **_plain(info))
     _write_atomic(Path(run_dir)/'metrics.json', json.dumps(out, indent=1))
+    rec_path = Path(run_dir)/'run.json'
+    rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+    if rec.get('runner') == 'direct':  # the runner closes its own records; a direct run ends here
+        started = datetime.datetime.fromisoformat(rec['started'])
+        rec.update(status='ok', wall_s=round((datetime.datetime.now() - started).total_seconds(), 2))
+        _write_atomic(rec_path, json.dumps(rec, indent=1))
     return out
 
 def save_figure(fig, # a matplotlib figure, or the path of a PNG file to copy
@@ -316,6 +308,68 @@ def _git_commit(root:Path) -> str|None:
         return r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError): return None
 
+def _this_python_kernel():
+    "A Jupyter kernel manager whose 'python3' kernel is `sys.executable` (quiet: no TCP warnings on its stderr)."
+    from jupyter_client.kernelspec import KernelSpec
+    from jupyter_client.manager import KernelManager
+    class ThisPythonKernel(KernelManager):
+        @property
+        def kernel_spec(self):
+            if self._kernel_spec is None:
+                self._kernel_spec = KernelSpec(
+                    argv=[sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}', '--IPKernelApp.log_level=ERROR'],
+                    display_name=f'Python {platform.python_version()} ({sys.executable})', language='python')
+            return self._kernel_spec
+    return ThisPythonKernel
+
+_EPOCH = re.compile(r'INFO unimiss\.(pretrain|tasks): epoch (\d+)(?: \((\dD)\))?: (\{.*\})$')
+
+def _total_epochs(run_dir:Path) -> int|None:
+    "The `epochs` of a run's saved config (top level or one level down), once the notebook has written it."
+    try: cfg = yaml.safe_load((run_dir/'config.yaml').read_text()) or {}
+    except (OSError, yaml.YAMLError): return None
+    for d in (cfg, *(v for v in cfg.values() if isinstance(v, Mapping))):
+        if isinstance(d.get('epochs'), int): return d['epochs']
+    return None
+
+def progress_line(line:str, run_dir:Path, elapsed:float) -> str|None:
+    "A console line for an epoch record of the run's `log.txt` (epoch, loss and validation metric, ETA), else None."
+    m = _EPOCH.search(line.rstrip())
+    if not m: return None
+    module, n, dim, rec = m.groups()
+    try: rec = ast.literal_eval(rec)
+    except (ValueError, SyntaxError): rec = {}
+    done = int(n) + (module == 'pretrain')  # pretraining counts epochs from 0
+    total = _total_epochs(run_dir)
+    shown = [f"{k} {v:.4g}" for k, v in rec.items() if k in ('loss', 'train_loss') or k.startswith('val_')]
+    eta = f", ETA {elapsed / done * (total - done):.0f} s" if total and done else ''
+    return (f"  {run_dir.parent.name}/{run_dir.name}: epoch {done}{f'/{total}' if total else ''}{f' ({dim})' if dim else ''}"
+            f"{': ' + ', '.join(shown) if shown else ''} [{elapsed:.0f} s{eta}]")
+
+class _Progress:
+    "Print a progress line per epoch of a running experiment (tailing its `log.txt`) to stderr, from a thread."
+    def __init__(self, run_dir:Path, quiet:bool):
+        import threading
+        self.run_dir, self.quiet, self.t0 = run_dir, quiet, time.time()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+    def __enter__(self):
+        if not self.quiet: self.thread.start()
+        return self
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive(): self.thread.join(timeout=5)
+    def _watch(self):
+        pos, path = 0, self.run_dir/'log.txt'
+        while True:
+            stopping = self.stop.wait(1.0)
+            if path.is_file():
+                with open(path) as f:
+                    f.seek(pos); lines = f.readlines(); pos = f.tell()
+                for line in lines:
+                    if (out := progress_line(line, self.run_dir, time.time() - self.t0)): print(out, file=sys.stderr, flush=True)
+            if stopping: return
+
 def _write_record(run_dir:Path, record:dict):
     _write_atomic(run_dir/'run.json', json.dumps(_plain(record), indent=1))
 
@@ -328,6 +382,7 @@ def run_experiment(name:str, # experiment name ('pretrain', 'finetune_seg3d', ..
                    overwrite:bool=False, # replace an existing run folder with the same tag
                    kernel_name:str|None=None, # Jupyter kernel; default: the notebook's, else 'python3'
                    progress:bool=False, # papermill's progress bar
+                   quiet:bool=True, # False: a console line per epoch (epoch, loss, validation metric, ETA)
                   ) -> Path:
     "Execute an experiment notebook through papermill into `runs_dir/<name>/<tag>/`; returns that folder."
     pm = _papermill()
@@ -360,9 +415,12 @@ def run_experiment(name:str, # experiment name ('pretrain', 'finetune_seg3d', ..
         logger.info("running %s into %s", nb.name, run_dir)
         import nbformat
         kernel = kernel_name or nbformat.read(str(nb), as_version=4).metadata.get('kernelspec', {}).get('name') or 'python3'
+        # the default kernel is this interpreter, so a run uses the unimiss (venv, checkout) the runner uses
+        engine = dict(kernel_manager_class=_this_python_kernel()) if kernel_name is None and kernel == 'python3' else {}
         try:
-            pm.execute_notebook(str(nb), str(run_dir/f'{name}.ipynb'), parameters=params, kernel_name=kernel,
-                                progress_bar=progress, cwd=os.getcwd())
+            with _Progress(run_dir, quiet):
+                pm.execute_notebook(str(nb), str(run_dir/f'{name}.ipynb'), parameters=params, kernel_name=kernel,
+                                    progress_bar=progress, cwd=os.getcwd(), **engine)
         except pm.PapermillExecutionError as e:
             msg = f"cell {e.exec_count} raised {e.ename}: {e.evalue}"
             record.update(status='failed', error=msg, wall_s=round(time.time() - t0, 2))
@@ -431,23 +489,58 @@ def _fmt(v) -> str:
     if isinstance(v, float): return f'{v:.4g}'
     return str(v)
 
+_NOT_SETTING = ('seed', 'run_dir')  # what may differ between the runs of one setting
+
+def _setting(run:Mapping) -> str:
+    "The identity of a run's setting: its experiment and every parameter except the seed (as canonical JSON)."
+    params = {k: v for k, v in (run.get('params') or {}).items() if k not in _NOT_SETTING}
+    return json.dumps([run.get('name'), _plain(params)], sort_keys=True, default=str)
+
 def report_rows(runs:Sequence[dict]) -> list[dict]:
-    "One flat row per run: experiment, tag, status, setting, primary metric and value, paper's value, wall time."
+    "One flat row per run: experiment, tag, status, setting (data set, init, labels, arch, epochs, smoke, seed), primary metric, paper's value."
     rows = []
     for r in runs:
-        res = r.get('result') or {}
+        res, params = r.get('result') or {}, r.get('params') or {}
         metric = res.get('primary')
         value = (res.get('metrics') or {}).get(metric)
         frac = res.get('label_fraction')
+        info = lambda k: res.get(k, params.get(k))
         rows.append(dict(experiment=r['name'], tag=r['tag'], status=r.get('status', ''),
                          dataset=res.get('dataset'), init=res.get('init') or res.get('ablation'),
                          labels=f'{frac:.0%}' if isinstance(frac, (int, float)) else None, label_fraction=frac,
+                         arch=info('arch') or None, epochs=info('epochs'), smoke=info('smoke'), seed=info('seed'),
                          metric=metric, value=value,
                          paper=paper_value(r['name'], metric, res.get('dataset'), res.get('init'), res.get('label_fraction')),
-                         wall_s=r.get('wall_s')))
+                         wall_s=r.get('wall_s'), started=r.get('started'), setting=_setting(r)))
     order = {n: i for i, n in enumerate(('pretrain', *FINETUNE_EXPERIMENTS))}
     return sorted(rows, key=lambda r: (order.get(r['experiment'], len(order)), r['experiment'], str(r['dataset']),
                                        r['label_fraction'] or 0, str(r['init']), r['tag']))
+
+def mean_sd(values:Sequence[float]) -> tuple[float, float|None]:
+    "Mean and sample standard deviation (ddof 1; None for a single value)."
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None)
+
+def summarize(rows:Sequence[Mapping]) -> list[dict]:
+    "One row per setting: the finished runs that differ only in their seed, as mean ± sd over seeds (one run per seed, the latest)."
+    groups = {}
+    for r in rows:
+        if r['status'] != 'ok' or not isinstance(r['value'], (int, float)): continue
+        by_seed = groups.setdefault(r['setting'], {})
+        if r['seed'] not in by_seed or str(r['started']) > str(by_seed[r['seed']]['started']): by_seed[r['seed']] = r
+    out = []
+    for by_seed in groups.values():
+        runs = sorted(by_seed.values(), key=lambda r: str(r['seed']))
+        m, sd = mean_sd([r['value'] for r in runs])
+        out.append({k: runs[0][k] for k in ('experiment', 'dataset', 'init', 'labels', 'label_fraction', 'arch', 'epochs',
+                                           'smoke', 'metric', 'paper', 'setting')}
+                   | dict(mean=m, sd=sd, n=len(runs), seeds=[r['seed'] for r in runs], tags=[r['tag'] for r in runs]))
+    return out
+
+def fmt_mean_sd(mean:float, sd:float|None, n:int) -> str:
+    "'0.857 ± 0.012 (n=3)'; a single run: '0.857 (n=1)'."
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else '') + f" (n={n})"
 
 def markdown_table(rows:Sequence[Mapping], columns:Sequence[str]|None=None) -> str:
     "A GitHub-flavoured markdown table of `rows`."
@@ -456,63 +549,82 @@ def markdown_table(rows:Sequence[Mapping], columns:Sequence[str]|None=None) -> s
     lines += ['| ' + ' | '.join(_fmt(r.get(c)) for c in columns) + ' |' for r in rows]
     return '\n'.join(lines)
 
-def report_figure(rows:Sequence[Mapping]):
-    "Bar charts of the primary metric of each experiment, grouped by label fraction, one bar per initialisation."
+def report_figure(summary:Sequence[Mapping]):
+    "Bar charts of the primary metric of each fine-tuning setting (mean, error bar: sd over seeds), by label fraction and initialisation."
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r['value'] is not None and r['status'] == 'ok' and r['label_fraction'] is not None]
-    exps = list(dict.fromkeys(r['experiment'] for r in rows))
-    fig, axs = plt.subplots(1, max(len(exps), 1), figsize=(3.2 * max(len(exps), 1), 3), squeeze=False)
-    for ax, exp in zip(axs[0], exps):
-        rs = [r for r in rows if r['experiment'] == exp]
+    rows = [r for r in summary if r['label_fraction'] is not None]
+    panels = list(dict.fromkeys((r['experiment'], r['arch'], r['epochs'], r['smoke']) for r in rows))
+    fig, axs = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, key in zip(axs[0], panels):
+        rs = [r for r in rows if (r['experiment'], r['arch'], r['epochs'], r['smoke']) == key]
         fracs = sorted({r['label_fraction'] for r in rs})
         inits = sorted({str(r['init']) for r in rs}, key=lambda i: (i != 'scratch', i))
         w = 0.8 / len(inits)
         for j, init in enumerate(inits):
-            ys = []
-            for f in fracs:  # the mean over repeated runs of a setting
-                vs = [r['value'] for r in rs if r['label_fraction'] == f and str(r['init']) == init]
-                ys.append(sum(vs) / len(vs) if vs else float('nan'))
-            ax.bar([i + (j - (len(inits) - 1) / 2) * w for i in range(len(fracs))], ys, w, label=init)
+            cells = [next((r for r in rs if r['label_fraction'] == f and str(r['init']) == init), None) for f in fracs]
+            xs = [i + (j - (len(inits) - 1) / 2) * w for i in range(len(fracs))]
+            ys = [c['mean'] if c else float('nan') for c in cells]
+            bars = ax.bar(xs, ys, w, yerr=[(c['sd'] or 0) if c else 0 for c in cells], capsize=3, label=init)
+            ax.bar_label(bars, labels=[f"{c['mean']:.2f}\nn={c['n']}" if c else '' for c in cells], fontsize=6, padding=2)
         ax.set_xticks(range(len(fracs)), [f'{f:.0%}' for f in fracs])
-        ax.set(title=exp, xlabel='labelled fraction', ylabel=rs[0]['metric'])
-        if all(0 <= r['value'] <= 1 for r in rs): ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set(title=f"{key[0]}\n{key[1] or ''} {key[2] or '?'} ep{' smoke' if key[3] else ''}", xlabel='labelled fraction',
+               ylabel=rs[0]['metric'])
+        if all(0 <= r['mean'] <= 1 for r in rs): ax.set_ylim(0, 1.18)  # room for the labels above the bars
+        ax.title.set_fontsize(8)
+    handles = {l: h for ax in axs[0] for h, l in zip(*ax.get_legend_handles_labels())}  # every init of every panel
+    if handles: fig.legend(handles.values(), handles.keys(), loc='lower center', ncol=4, fontsize=7, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
-REPORT_COLUMNS = ('experiment', 'tag', 'status', 'dataset', 'init', 'labels', 'metric', 'value', 'paper', 'wall_s')
+REPORT_COLUMNS = ('experiment', 'tag', 'status', 'dataset', 'init', 'labels', 'arch', 'epochs', 'smoke', 'seed', 'metric',
+                  'value', 'paper', 'wall_s')
 
-def comparison_table(rows:Sequence[Mapping]) -> str:
-    "Fine-tuning results side by side: a row per experiment, a column per (labelled fraction, initialisation)."
-    rows = [r for r in rows if r['status'] == 'ok' and r['label_fraction'] is not None and r['value'] is not None]
+def comparison_table(summary:Sequence[Mapping]) -> str:
+    "Fine-tuning results side by side: a row per task setting, a column per (labelled fraction, initialisation), mean ± sd (n seeds)."
+    rows = [r for r in summary if r['label_fraction'] is not None]
     if not rows: return ''
+    def row_key(r):  # the setting without label fraction, initialisation and weights: the columns vary those
+        name, params = json.loads(r['setting'])
+        return json.dumps([name, {k: v for k, v in params.items() if k not in ('label_fraction', 'init', 'checkpoint')}],
+                          sort_keys=True)
     cols = sorted({(r['label_fraction'], str(r['init'])) for r in rows}, key=lambda c: (c[0], c[1] != 'scratch', c[1]))
     out = []
-    for key in dict.fromkeys((r['experiment'], r['dataset'], r['metric']) for r in rows):
-        line = dict(experiment=key[0], dataset=key[1], metric=key[2])
-        for f, init in cols:  # the mean over repeated runs of a setting
-            vs = [r['value'] for r in rows if (r['experiment'], r['dataset'], r['metric']) == key
-                  and (r['label_fraction'], str(r['init'])) == (f, init)]
-            line[f'{init} {f:.0%}'] = f'{sum(vs) / len(vs):.3f}' if vs else ''
+    for key in dict.fromkeys(row_key(r) for r in rows):
+        rs = [r for r in rows if row_key(r) == key]
+        line = {k: rs[0][k] for k in ('experiment', 'dataset', 'arch', 'epochs', 'smoke', 'metric')}
+        for f, init in cols:
+            cell = [r for r in rs if (r['label_fraction'], str(r['init'])) == (f, init)]
+            line[f'{init} {f:.0%}'] = ' / '.join(fmt_mean_sd(c['mean'], c['sd'], c['n']) for c in cell)  # 2+: other weights
         out.append(line)
     return markdown_table(out)
+
+def summary_table(summary:Sequence[Mapping]) -> str:
+    "Every setting (fine-tuning or not) with mean ± sd over its seeds."
+    return markdown_table([dict(r, value=fmt_mean_sd(r['mean'], r['sd'], r['n']), seeds=','.join(map(str, r['seeds'])))
+                           for r in summary],
+                          ('experiment', 'dataset', 'init', 'labels', 'arch', 'epochs', 'smoke', 'metric', 'value', 'seeds', 'paper'))
 
 def report(runs_dir:str|Path='runs', # root of the run folders
            name:str|None=None, # only this experiment
            tag:str|None=None, # only tags matching this glob pattern
            write:bool=True, # write `report.md` and `report.png` into `runs_dir`
           ) -> str:
-    "A markdown table of every run (and a figure of the primary metrics, saved next to it)."
+    "Markdown tables: the fine-tuning comparison and every setting (mean ± sd over seeds), then every run; and a figure."
     rows = report_rows(list_runs(runs_dir, name, tag))
     if not rows: return f'No runs under {runs_dir}.'
-    table = markdown_table(rows, REPORT_COLUMNS)
-    if comparison := comparison_table(rows): table = comparison + '\n\nAll runs:\n\n' + table
+    summary = summarize(rows)
+    parts = []
+    if comparison := comparison_table(summary): parts.append('Fine-tuning, mean ± sd over seeds (n = seeds):\n\n' + comparison)
+    if summary: parts.append('Every setting (runs that differ only in their seed):\n\n' + summary_table(summary))
+    parts.append('All runs:\n\n' + markdown_table(rows, REPORT_COLUMNS))
+    table = '\n\n'.join(parts)
     if write:
         import matplotlib.pyplot as plt
-        fig = report_figure(rows)
+        fig = report_figure(summary)
         _save_png(fig, Path(runs_dir)/'report.png'); plt.close(fig)
         _write_atomic(Path(runs_dir)/'report.md', table + '\n')
     return table
+
 
 # %% ../nbs/06_experiments.ipynb #dd4a30ba
 def torchrun_command(module:str, # module with a `--config FILE` command line, e.g. 'unimiss.pretrain'
@@ -550,42 +662,67 @@ def _finished_with(run_dir:Path, params:Mapping) -> bool:
     old = {k: v for k, v in (rec.get('params') or {}).items() if k != 'run_dir'}
     return rec.get('status') == 'ok' and old == _plain(dict(params))
 
-def _run_or_skip(name, params_files, overrides, tag, runs_dir, experiments_dir, resume) -> tuple[Path, bool]:
+def _run_or_skip(name, params_files, overrides, tag, runs_dir, experiments_dir, resume, quiet=True) -> tuple[Path, bool]:
     "Run an experiment unless `resume` and it already finished with the same parameters; (run folder, whether it ran)."
     run_dir = Path(runs_dir)/name/tag
     params = resolve_params(name, params_files, overrides, experiments_dir)
     if resume and _finished_with(run_dir, params):
         logger.info("%s/%s already done, skipping", name, tag)
         return run_dir, False
+    logger.info("running %s/%s", name, tag)
     return run_experiment(name, params_files, overrides, tag=tag, runs_dir=runs_dir, experiments_dir=experiments_dir,
-                          overwrite=True), True
+                          overwrite=True, quiet=quiet), True
 
 def _frac_tag(f:float) -> str: return f'{round(100 * f):g}pct'
+
+def _disk_use(folder:Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob('*') if f.is_file())
+
+def where_results(runs_dir:str|Path, runs:Sequence[Path]=()) -> str:
+    "Closing lines of a command: where the report, figures and checkpoints are, and the disk space the runs take."
+    runs_dir = Path(runs_dir)
+    lines = [f"report: {runs_dir/'report.md'} (table), {runs_dir/'report.png'} (figure)"] if (runs_dir/'report.md').is_file() else []
+    for run in runs:
+        figs = sorted((run/'figures').glob('*.png'))
+        ckpts = sorted(p for p in run.rglob('*') if p.suffix in ('.pt', '.pth'))
+        lines.append(f"run {run}: {len(figs)} figure(s) in {run/'figures'}; checkpoint(s): " +
+                     (', '.join(str(c.relative_to(run)) for c in ckpts) or 'none'))
+    used = _disk_use(runs_dir) if runs_dir.is_dir() else 0
+    lines.append(f"disk used under {runs_dir}: {used / 2**20:.0f} MB (checkpoints are most of it)")
+    return '\n'.join(lines)
 
 def study(runs_dir:str|Path='runs', # root of the run folders
           label_fractions:Sequence[float]=(0.25, 1.0), # labelled fractions of each fine-tuning task
           inits:Sequence[str]=('scratch', 'unimiss'), # initialisations to compare
+          seeds:Sequence[int]=(0, 1, 2), # fine-tuning seeds of every (task, init, fraction) cell
           experiments:Sequence[str]=FINETUNE_EXPERIMENTS, # fine-tuning experiments to run
           fetch:bool=True, # fetch the sample corpus first (`unimiss.samples`)
           resume:bool=True, # skip runs already finished with the same parameters
           experiments_dir:str|Path|None=None,
+          quiet:bool=True, # False: a console line per epoch of every run
          ) -> str:
     "Pretrain on the sample corpus, fine-tune every sample task from each `inits` at each fraction; the report table."
     t0 = time.time()
+    for f in label_fractions:
+        if not 0 < f <= 1: raise ValueError(f"label fractions must be in (0, 1], got {f}")
+    if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    for init in inits: check_choice('init', init, ('scratch', 'unimiss'))
+    for exp in experiments: notebook_path(exp, experiments_dir)  # unknown names fail here, before any kernel starts
     if fetch:
         from unimiss import samples
         logger.info("sample corpus: %s", samples.prepare_samples(progress=False)['root'])
-    pre, pretrained_again = _run_or_skip('pretrain', ['pretrain_sample'], {}, 'study', runs_dir, experiments_dir, resume)
+    pre, pretrained_again = _run_or_skip('pretrain', ['pretrain_sample'], {}, 'study', runs_dir, experiments_dir, resume, quiet)
     weights = json.loads((pre/'metrics.json').read_text()).get('weights')
     if not weights: raise RuntimeError(f"the pretraining run {pre} recorded no exported weights in metrics.json")
     for exp in experiments:
         for init in inits:
             for f in label_fractions:
-                over = dict(init=init, label_fraction=float(f))
-                if init != 'scratch': over['checkpoint'] = weights
-                # new pretrained weights: the runs that start from them are redone
-                _run_or_skip(exp, [f'{exp}_sample'], over, f'study-{init}-{_frac_tag(f)}', runs_dir,
-                             experiments_dir, resume and not (pretrained_again and init != 'scratch'))
+                for seed in seeds:
+                    over = dict(init=init, label_fraction=float(f), seed=int(seed))
+                    if init != 'scratch': over['checkpoint'] = weights
+                    # new pretrained weights: the runs that start from them are redone
+                    _run_or_skip(exp, [f'{exp}_sample'], over, f'study-{init}-{_frac_tag(f)}-seed{seed}', runs_dir,
+                                 experiments_dir, resume and not (pretrained_again and init != 'scratch'), quiet)
     logger.info("study finished in %.1f min", (time.time() - t0) / 60)
     return report(runs_dir, tag='study*')
 
@@ -595,13 +732,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument('--runs-dir', default='runs', help='root of the run folders (default: runs)')
     common.add_argument('--experiments-dir', default=None, help=f'folder of the experiment notebooks (default: the checkout; env {EXPERIMENTS_ENV})')
     common.add_argument('-v', '--verbose', action='store_true', help='log progress to stderr')
+    common.add_argument('-q', '--quiet', action='store_true', help='no per-epoch progress lines on the console')
     p = argparse.ArgumentParser(prog='unimiss-experiments', description='Run UniMiSS experiment notebooks (papermill) and report them.')
     sub = p.add_subparsers(dest='command', required=True)
     add = lambda name, **kw: sub.add_parser(name, parents=[common], **kw)
-    r = add('run', help='execute an experiment notebook into runs/<name>/<tag>/')
-    r.add_argument('name', help='experiment name (see `list`)')
+    r = sub.add_parser('run', parents=[common], add_help=False, help='execute an experiment notebook into runs/<name>/<tag>/',
+                       epilog="`run NAME --help` also lists the experiment's parameters (type, default, help).")
+    r.add_argument('-h', '--help', action='store_true', help="show this help and the parameters of NAME, and exit")
+    r.add_argument('name', nargs='?', help='experiment name (see `list`)')
     r.add_argument('-f', '--params-file', action='append', default=[], help='YAML parameter file (repeatable, applied in order)')
-    r.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help='override one parameter (YAML value; repeatable)')
+    r.add_argument('-p', '--param', action='append', default=[], metavar='KEY=VALUE', help="override one parameter (repeatable); checked against the parameter's type, lists as 0.1,1")
     r.add_argument('--tag', default=None, help='run folder name (default: the start time)')
     r.add_argument('--overwrite', action='store_true', help='replace an existing run folder with the same tag')
     r.add_argument('--progress', action='store_true', help="show papermill's progress bar")
@@ -613,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument('--tag', default=None, help="only tags matching this pattern, e.g. 'study-*'")
     s = add('study', help='fetch the samples, pretrain, fine-tune (scratch vs pretrained, two label fractions), report')
     s.add_argument('--fractions', type=float, nargs='+', default=[0.25, 1.0], help='labelled fractions (default: 0.25 1.0)')
+    s.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='fine-tuning seeds per cell (default: 0 1 2)')
     s.add_argument('--no-fetch', action='store_true', help='do not fetch the sample corpus first')
     s.add_argument('--restart', action='store_true', help='re-run every step, even those already finished')
     return p
@@ -624,12 +765,17 @@ def main(argv:Sequence[str]|None=None) -> int:
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s', datefmt='%H:%M:%S')
     if not args.verbose: logging.getLogger('papermill').setLevel(logging.WARNING)  # one line per run is enough
     try:
-        if args.command == 'run':
+        if args.command == 'run' and args.help:
+            print(_subparser(build_parser(), 'run').format_help())
+            if args.name: print(f'parameters of {args.name}:\n\n' + _params_table(args.name, args.experiments_dir))
+        elif args.command == 'run':
+            if not args.name: raise ValueError("run needs an experiment name (see `unimiss-experiments list`)")
             run = run_experiment(args.name, args.params_file, args.param, tag=args.tag, runs_dir=args.runs_dir,
-                                 experiments_dir=args.experiments_dir, overwrite=args.overwrite, progress=args.progress)
-            print(run)
+                                 experiments_dir=args.experiments_dir, overwrite=args.overwrite, progress=args.progress,
+                                 quiet=args.quiet)
             m = run/'metrics.json'
             if m.is_file(): print(json.dumps(json.loads(m.read_text()), indent=1))
+            print(where_results(args.runs_dir, [run]))
         elif args.command == 'list':
             print('experiments: ' + ', '.join(list_experiments(args.experiments_dir)))
             runs = list_runs(args.runs_dir)
@@ -637,22 +783,29 @@ def main(argv:Sequence[str]|None=None) -> int:
                          wall_s=r.get('wall_s'), path=r['path']) for r in runs]
             print(markdown_table(rows) if rows else f'no runs under {args.runs_dir}')
         elif args.command == 'params':
-            nb = notebook_path(args.name, args.experiments_dir)
-            rows = [dict(name=k, type=v['type'], default=repr(v['default']), help=v['help'])
-                    for k, v in notebook_parameters(nb).items()]
-            print(markdown_table(rows))
+            print(_params_table(args.name, args.experiments_dir))
         elif args.command == 'report':
             print(report(args.runs_dir, args.name, args.tag))
         elif args.command == 'study':
             t0 = time.time()
-            print(study(args.runs_dir, args.fractions, fetch=not args.no_fetch, resume=not args.restart,
-                        experiments_dir=args.experiments_dir))
+            print(study(args.runs_dir, args.fractions, seeds=args.seeds, fetch=not args.no_fetch, resume=not args.restart,
+                        experiments_dir=args.experiments_dir, quiet=args.quiet))
             print(f'\nstudy wall time: {(time.time() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores')
+            print(where_results(args.runs_dir) + f"\nruns: {Path(args.runs_dir)}/<experiment>/study*/ (each: notebook, "
+                  "config, metrics, figures, log; fine-tuning checkpoints under finetune/checkpoints/)")
     except ExperimentFailed as e:
         print(f'error: {e}', file=sys.stderr); return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f'error: {e}', file=sys.stderr); return 2
     return 0
+
+def _subparser(parser:argparse.ArgumentParser, name:str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+def _params_table(name:str, experiments_dir=None) -> str:
+    "The parameters of an experiment notebook as a markdown table (name, type, default, help)."
+    return markdown_table([dict(name=k, type=v['type'], default=repr(v['default']), help=v['help'])
+                           for k, v in notebook_parameters(notebook_path(name, experiments_dir)).items()])
 
 def _in_notebook() -> bool: return hasattr(builtins, '__IPYTHON__')
 

@@ -7,6 +7,7 @@ Docs: https://unimiss.github.io/unimiss/mit.html.md"""
 # %% ../nbs/00_mit.ipynb #9ff6bd9e
 from __future__ import annotations
 import math
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -15,8 +16,9 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['CONV', 'CONV_T', 'INSTANCE_NORM', 'MIT_ARCHS', 'dim_key', 'tokens_to_map', 'map_to_tokens', 'ConvNormAct',
-           'resize_pos_embed', 'SpatialReductionAttention', 'DropPath', 'Mlp', 'Block', 'EncoderStage', 'run_blocks',
-           'DecoderStage', 'EncoderOutput', 'FeatureOutput', 'MiT', 'mit_tiny', 'mit_small', 'mit_micro']
+           'resize_pos_embed', 'SpatialReductionAttention', 'DropPath', 'Mlp', 'Block', 'stage_strides', 'EncoderStage',
+           'run_blocks', 'DecoderStage', 'EncoderOutput', 'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple',
+           'mit_tiny', 'mit_small', 'mit_micro']
 
 # %% ../nbs/00_mit.ipynb #45e283b8
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -142,12 +144,16 @@ class Block(nn.Module):
         return (x, attn) if return_attn else x
 
 # %% ../nbs/00_mit.ipynb #99547485
+def stage_strides(spatial_dims:int, # 2 or 3
+                  n:int=4, # number of encoder stages
+                 ) -> list[tuple]:
+    "Per-axis stride of stages 1..n: the stem and every stage halve each axis, except the stem keeps the CT depth."
+    return [tuple(2 ** (i + 2 - (spatial_dims == 3 and a == 0)) for a in range(spatial_dims)) for i in range(n)]
+
 def _grids(img_size2d:int|Sequence[int], img_size3d:Sequence[int], n:int=4) -> dict:
     "Token grids of stages 1..n for the pretraining input sizes (the grids the position embeddings are learnt on)."
-    s2 = (img_size2d,) * 2 if isinstance(img_size2d, int) else tuple(img_size2d)
-    s3 = tuple(img_size3d)
-    return {2: [tuple(s // 2 ** (i + 2) for s in s2) for i in range(n)],
-            3: [(s3[0] // 2 ** (i + 1),) + tuple(s // 2 ** (i + 2) for s in s3[1:]) for i in range(n)]}
+    sizes = {2: (img_size2d,) * 2 if isinstance(img_size2d, int) else tuple(img_size2d), 3: tuple(img_size3d)}
+    return {d: [tuple(s // k for s, k in zip(size, st)) for st in stage_strides(d, n)] for d, size in sizes.items()}
 
 class EncoderStage(nn.Module):
     "Patch embedding (per dimensionality) + CLS projection + position embedding + transformer blocks."
@@ -308,8 +314,7 @@ class MiT(nn.Module):
 
     def size_multiple(self, d:int) -> tuple:
         "Each spatial size of a `d`-D input must be a multiple of this (the total stride of the encoder)."
-        n = len(self.stages)
-        return (2 ** (n + 1),) * 2 if d == 2 else (2 ** n, 2 ** (n + 1), 2 ** (n + 1))
+        return stage_strides(d, len(self.stages))[-1]
 
     def expected_shape(self, d:int) -> str:
         m = self.size_multiple(d)
@@ -375,6 +380,21 @@ MIT_ARCHS = {
     'micro': dict(depths=(1, 1, 1, 1), dec_depths=(1, 1, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 1, 2, 4),
                   dec_embed_dims=(64, 32, 16), dec_num_heads=(2, 1, 1), stem_channels=8),
 }
+
+def canonical_arch(name:str, # 'tiny', 'small', 'micro' (or the deprecated 'mit_tiny', 'mit_small', 'mit_micro')
+                  ) -> str:
+    "The size name of `name` as `MIT_ARCHS` spells it; the old `mit_*` names give a `FutureWarning`, others a ValueError."
+    if isinstance(name, str) and name.startswith('mit_') and name[4:] in MIT_ARCHS:
+        warnings.warn(f"arch {name!r} is deprecated; use {name[4:]!r}", FutureWarning, stacklevel=2)
+        name = name[4:]
+    if name not in MIT_ARCHS: raise ValueError(f"arch must be one of {', '.join(map(repr, MIT_ARCHS))}, got {name!r}")
+    return name
+
+def size_multiple(spatial_dims:int, # 2 or 3
+                  arch:str='small', # a size name (see `canonical_arch`)
+                 ) -> tuple:
+    "What each input size of a `spatial_dims`-D input must be a multiple of for MiT `arch`: its total stride."
+    return stage_strides(spatial_dims, len(MIT_ARCHS[canonical_arch(arch)]['depths']))[-1]
 
 def mit_tiny(**kwargs) -> MiT:
     "MiT-tiny: encoder depths (1, 1, 1, 1), decoder depths (1, 1, 1)."

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import io
 import json
 import logging
@@ -35,7 +34,8 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 from tqdm.auto import tqdm
 
 import unimiss
-from .mit import MiT, mit_micro, mit_small, mit_tiny
+from .config import PRECISIONS, Config, check_precision, resolve_device, seed_everything
+from .mit import MiT, canonical_arch, mit_micro, mit_small, mit_tiny, size_multiple
 from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
     collapse_monitors, cosine_schedule, cross_dimensional_loss, ema_update, param_groups, teacher_temp_schedule,
@@ -44,18 +44,18 @@ from .ssl import (
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'ARCHS', 'PRECISIONS', 'PretrainConfig', 'load_config', 'epoch_plan', 'SyntheticViews', 'view_shape',
-           'build_datasets', 'make_loader', 'seed_epoch', 'SelfDistillation', 'save_checkpoint', 'copy_checkpoint',
-           'load_checkpoint', 'rng_state', 'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log',
-           'resolve_device', 'init_distributed', 'build_backbone', 'pretrain', 'parse_args', 'main']
+__all__ = ['logger', 'ARCHS', 'PretrainConfig', 'load_config', 'epoch_plan', 'SyntheticViews', 'view_shape', 'build_datasets',
+           'make_loader', 'seed_epoch', 'SelfDistillation', 'save_checkpoint', 'copy_checkpoint', 'load_checkpoint',
+           'rng_state', 'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log', 'init_distributed',
+           'build_backbone', 'pretrain', 'parse_args', 'main']
 
 # %% ../nbs/04_pretrain.ipynb #544c62dc
-ARCHS = {'mit_micro': mit_micro, 'mit_tiny': mit_tiny, 'mit_small': mit_small}  # factories taking MiT arguments
-PRECISIONS = ('32', 'bf16', 'fp16')
+ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro}  # factories taking MiT arguments
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Config):
     "Settings of a UniMiSS pretraining run; defaults follow the authors' `run.sh` (8 GPUs × 24 images)."
+    _what = 'pretraining config'
     # data
     data_dir:str = 'data' # folder that the paths in the list files are relative to
     list_2d:str = '2D_images.txt' # list of X-ray files, one per line (relative to `data_dir` unless absolute)
@@ -64,9 +64,9 @@ class PretrainConfig:
     on_error:str = 'raise' # unreadable image file: 'raise' (stop) or 'skip' (log and draw another)
     cache_dir:str = '' # uncompressed memory-mapped copies of the CT files ('' = read the files directly)
     img_size_2d:int = 224 # side of the square X-ray crops (multiple of 32)
-    img_size_3d:tuple = (16, 96, 96) # (D, H, W) of the CT crops (D multiple of 16, H and W of 32)
+    img_size_3d:tuple[int, int, int] = (16, 96, 96) # (D, H, W) of the CT crops (D multiple of 16, H and W of 32)
     # model
-    arch:str = 'mit_small' # backbone: 'mit_small', 'mit_tiny' (published) or 'mit_micro' (smoke tests)
+    arch:str = 'small' # backbone: 'small', 'tiny' (published) or 'micro' (smoke tests)
     drop_path_rate:float = 0.1 # stochastic depth of the student (the teacher runs without)
     out_dim:int = 65536 # prototypes K of the DINO head
     norm_last_layer:bool = True # freeze the prototype magnitudes at 1
@@ -111,19 +111,12 @@ class PretrainConfig:
     tensorboard:bool = False # also log to TensorBoard (needs `pip install tensorboard`)
     progress:bool = True # tqdm progress bars
 
-    def __post_init__(self):
-        problems = []
-        for f in dataclasses.fields(self):
-            try: setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.default))
-            except ValueError as e: problems.append(str(e))
-        if not problems: problems = self._check()
-        if problems: raise ValueError("invalid pretraining config: " + "; ".join(problems))
-
     def _check(self) -> list[str]:
         p = []
         def need(ok, msg):
             if not ok: p.append(msg)
-        need(self.arch in ARCHS, f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        try: self.arch = canonical_arch(self.arch)
+        except ValueError as e: return [str(e)]
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.on_error in ('raise', 'skip'), f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
         for k in ('epochs', 'interval', 'batch_size_2d', 'batch_size_3d', 'out_dim', 'log_every'):
@@ -140,16 +133,13 @@ class PretrainConfig:
         need(0 <= self.center_momentum < 1, f"center_momentum must be in [0, 1), got {self.center_momentum}")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         need(self.use_2d or self.use_3d, "use_2d and use_3d are both false: nothing to train on")
-        need(self.img_size_2d % 32 == 0 and self.img_size_2d > 0,
-             f"img_size_2d must be a positive multiple of 32, got {self.img_size_2d}")
-        d, h, w = self.img_size_3d
-        need(d % 16 == 0 and h % 32 == 0 and w % 32 == 0 and min(d, h, w) > 0,
-             f"img_size_3d (D, H, W) needs D a multiple of 16 and H, W multiples of 32, got {self.img_size_3d}")
+        (m2, _), m3 = size_multiple(2, self.arch), size_multiple(3, self.arch)
+        need(self.img_size_2d % m2 == 0 and self.img_size_2d > 0,
+             f"img_size_2d must be a positive multiple of {m2} (the total stride of MiT-{self.arch}), got {self.img_size_2d}")
+        need(all(s % m == 0 and s > 0 for s, m in zip(self.img_size_3d, m3)),
+             f"img_size_3d (D, H, W) must be positive multiples of {m3} (the total stride of MiT-{self.arch}), "
+             f"got {self.img_size_3d}")
         return p
-
-    def to_dict(self) -> dict:
-        "Plain dict (lists for tuples), ready for YAML/JSON."
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @property
     def spatial_dims(self) -> tuple:
@@ -161,56 +151,10 @@ class PretrainConfig:
     def term_weights(self) -> dict:
         return {k: getattr(self, f'weight_{k}') for k in CROSS_TERMS}
 
-def _coerce(name, value, default):
-    "Convert `value` to the type of `default`, or raise a ValueError naming the key."
-    kind = type(default)
-    bad = ValueError(f"{name} must be {kind.__name__}{' of 3 ints' if kind is tuple else ''}, got {value!r}")
-    if kind is bool:
-        if isinstance(value, bool): return value
-        if isinstance(value, str) and value.lower() in ('true', 'false', 'yes', 'no', '1', '0'):
-            return value.lower() in ('true', 'yes', '1')
-        raise bad
-    if kind is int:
-        if isinstance(value, bool): raise bad
-        if isinstance(value, int): return value
-        if isinstance(value, float) and value.is_integer(): return int(value)
-        if isinstance(value, str):
-            try: return int(value)
-            except ValueError: pass
-        raise bad
-    if kind is float:
-        if isinstance(value, bool): raise bad
-        if isinstance(value, (int, float)): return float(value)
-        if isinstance(value, str):
-            try: return float(value)
-            except ValueError: pass
-        raise bad
-    if kind is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)): raise bad
-        return str(value)
-    if kind is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(default):
-            return tuple(_coerce(name, v, default[0]) for v in value)
-        raise bad
-    return value
-
 def load_config(source:PretrainConfig|Mapping|str|Path|None=None, # config, dict, or YAML file; None: defaults
                 **overrides) -> PretrainConfig:
-    "A validated `PretrainConfig` from a YAML file or dict, with `overrides` applied on top."
-    if isinstance(source, PretrainConfig): source = source.to_dict()
-    elif isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file(): raise FileNotFoundError(f"config file {path} does not exist")
-        source = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(source, Mapping): raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    values = dict(source or {}) | overrides
-    known = [f.name for f in dataclasses.fields(PretrainConfig)]
-    unknown = [k for k in values if k not in known]
-    if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else '')
-                 for k in unknown]
-        raise ValueError(f"unknown pretraining config key(s): {', '.join(hints)}")
-    return PretrainConfig(**values)
+    "A validated `PretrainConfig` from a YAML file or dict, with `overrides` applied on top (`Config.load`)."
+    return PretrainConfig.load(source, **overrides)
 
 # %% ../nbs/04_pretrain.ipynb #3059519d
 def epoch_plan(epochs:int, # total epochs
@@ -279,7 +223,7 @@ def seed_epoch(loader:DataLoader, seed:int, rank:int, epoch:int):
     loader.sampler.set_epoch(epoch)
     if hasattr(loader.dataset, "set_epoch"): loader.dataset.set_epoch(epoch)  # `unimiss.data` seeds items by (seed, epoch, index)
     loader.generator.manual_seed(s)
-    random.seed(s); np.random.seed(s); torch.manual_seed(s)
+    seed_everything(s)
     if loader.num_workers == 0: set_rnd(loader.dataset, s)  # MONAI transforms keep their own random states
 
 # %% ../nbs/04_pretrain.ipynb #8a91c033
@@ -290,8 +234,7 @@ class SelfDistillation:
                  device:torch.device|str='cpu',
                  distributed:bool=False): # wrap the student in DistributedDataParallel
         self.cfg, self.device = cfg, torch.device(device)
-        if cfg.precision == 'fp16' and self.device.type != 'cuda':
-            raise ValueError(f"precision 'fp16' needs a CUDA device (got {self.device}); use 'bf16' or '32'")
+        check_precision(cfg.precision, self.device)
         head = DINOHead(backbone.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer)
         self.student = SelfDistillationNet(backbone, head).to(self.device)
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
@@ -538,15 +481,6 @@ def _dist_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
 
-def resolve_device(name:str, local_rank:int=0) -> torch.device:
-    "The training device: 'auto' is this process's GPU if there is one, else the CPU."
-    if name == 'auto': name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda': name = f'cuda:{local_rank}'
-    dev = torch.device(name)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu'")
-    return dev
-
 def init_distributed(device:torch.device) -> bool:
     "Join the torchrun process group if `WORLD_SIZE` > 1 and none exists; returns whether it was created here."
     if int(os.environ.get('WORLD_SIZE', 1)) <= 1 or (dist.is_available() and dist.is_initialized()): return False
@@ -576,6 +510,8 @@ def build_backbone(cfg:PretrainConfig) -> nn.Module:
 
 def _check_resume(saved:Mapping, cfg:PretrainConfig, path:Path):
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}  # keys added since the checkpoint
+    if 'arch' in saved:  # checkpoints of earlier versions name the size 'mit_tiny', ...
+        saved = dict(saved, arch=saved['arch'][4:] if str(saved['arch']).startswith('mit_') else saved['arch'])
     diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in cfg.to_dict().items()
             if k not in _RUNTIME_KEYS and saved.get(k, defaults.get(k)) != v}
     if diff:
@@ -599,7 +535,7 @@ def pretrain(config:PretrainConfig|Mapping|str|Path, # config, dict or YAML file
 def _pretrain(cfg, datasets, rank, world, device):
     out, main = Path(cfg.output_dir), rank == 0
     ckpt_path = out/'checkpoint.pth'
-    torch.manual_seed(cfg.seed); np.random.seed(cfg.seed); random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     datasets = dict(datasets) if datasets is not None else build_datasets(cfg)
     plan = epoch_plan(cfg.epochs, cfg.interval, cfg.use_2d, cfg.use_3d)
     batch = {2: cfg.batch_size_2d, 3: cfg.batch_size_3d}
@@ -674,23 +610,8 @@ def _pretrain(cfg, datasets, rank, world, device):
 
 # %% ../nbs/04_pretrain.ipynb #65e4f407
 def parse_args(argv:Sequence[str]|None=None) -> PretrainConfig:
-    "The config of a command line: `--config FILE` plus `--key value` overrides."
-    p = argparse.ArgumentParser(prog='python -m unimiss.pretrain', description='UniMiSS self-supervised pretraining. '
-                                'Any config key can be overridden with --key value (e.g. --lr 1e-3 --use_2d false).')
-    p.add_argument('--config', help='YAML file with config keys (see unimiss.pretrain.PretrainConfig)')
-    args, rest = p.parse_known_args(argv)
-    overrides, i = {}, 0
-    while i < len(rest):
-        tok = rest[i]
-        if not tok.startswith('--'): p.error(f"unexpected argument {tok!r}; overrides are --key value")
-        key, eq, val = tok[2:].partition('=')
-        if not eq:
-            if i + 1 >= len(rest): p.error(f"{tok} needs a value")
-            i += 1; val = rest[i]
-        overrides[key.replace('-', '_')] = yaml.safe_load(val)
-        i += 1
-    try: return load_config(args.config, **overrides)
-    except (ValueError, FileNotFoundError) as e: p.error(str(e))
+    "The config of a command line: `--config FILE`, then `--key value` / `key=value` overrides; `--help` lists every key."
+    return PretrainConfig.from_args(argv, prog='unimiss-pretrain', description='UniMiSS self-supervised pretraining.')
 
 def main(argv:Sequence[str]|None=None) -> dict:
     "Command-line entry: parse the config, set up logging, run `pretrain`."

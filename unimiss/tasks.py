@@ -20,7 +20,6 @@ from monai.data import DataLoader as MonaiDataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, MeanIoU
-from monai.utils import set_determinism
 from PIL import Image
 from scipy import ndimage
 from sklearn import metrics as skm
@@ -28,20 +27,22 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from .config import PRECISIONS, Config, check_keys, check_precision, coerce, read_yaml, resolve_device, seed_everything
 from .data import atomic_write, hu_to_intensity, read_image
 from .finetune import ARCHS, build_model, deep_supervision_weights
+from .mit import canonical_arch, size_multiple
 from .preprocess import load_volume, resample_array
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'JSRT_STRUCTURES', 'PRECISIONS', 'PROTOCOLS', 'SMOKE', 'BCV_ORGANS', 'CT_ORGANS', 'DRR_STRUCTURES',
-           'label_fraction_subset', 'read_split_list', 'bcv_cases', 'ricord_cases', 'chestxr_cases', 'jsrt_cases',
-           'read_ct_case', 'read_xray_case', 'CaseDataset', 'train_transform', 'eval_transform', 'DiceBCELoss',
-           'make_loss', 'segmentation_scores', 'classification_metrics', 'FinetuneConfig', 'load_config', 'Protocol',
-           'register', 'write_demo_dataset', 'sample_ct_paths', 'merge_labels', 'slab_bounds', 'br35h_cases',
-           'insert_ggo', 'resolve_device', 'poly_lr', 'save_checkpoint', 'predict_case', 'evaluate', 'plot_history',
-           'plot_roc', 'plot_overlays', 'get_splits', 'finetune', 'train', 'make_demo_checkpoints']
+__all__ = ['log', 'JSRT_STRUCTURES', 'PROTOCOLS', 'SMOKE', 'BCV_ORGANS', 'CT_ORGANS', 'DRR_STRUCTURES', 'label_fraction_subset',
+           'read_split_list', 'bcv_cases', 'ricord_cases', 'chestxr_cases', 'jsrt_cases', 'read_ct_case',
+           'read_xray_case', 'CaseDataset', 'train_transform', 'eval_transform', 'DiceBCELoss', 'make_loss',
+           'segmentation_scores', 'classification_metrics', 'FinetuneConfig', 'load_config', 'Protocol', 'register',
+           'write_demo_dataset', 'sample_ct_paths', 'merge_labels', 'slab_bounds', 'br35h_cases', 'insert_ggo',
+           'poly_lr', 'save_checkpoint', 'predict_case', 'evaluate', 'plot_history', 'plot_roc', 'plot_overlays',
+           'get_splits', 'finetune', 'train', 'make_demo_checkpoints']
 
 # %% ../nbs/05a_tasks.ipynb #40111193
 def _n_of(fraction:float, n:int) -> int:
@@ -327,11 +328,10 @@ def classification_metrics(labels:Sequence[int], # true classes (N,)
     return out
 
 # %% ../nbs/05a_tasks.ipynb #a524eb52
-PRECISIONS = ('32', 'bf16', 'fp16')
-
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Config):
     "Settings of one fine-tuning run (see `load_config` for how protocol defaults are filled in)."
+    _what = 'fine-tuning config'
     protocol:str = '' # one of `PROTOCOLS`
     out_dir:str = 'runs/finetune' # metrics, per-case CSV, checkpoints, figures
     data_root:str = '' # dataset folder; sample tasks: the sample cache ('' = `unimiss.samples.data_dir()`)
@@ -339,8 +339,8 @@ class FinetuneConfig:
     checkpoint:str = '' # pretrained weights (init 'unimiss' / 'official')
     which:str = 'teacher' # network of a teacher/student checkpoint
     arch:str = 'small' # 'tiny', 'small' or 'micro' (smoke tests)
-    img_size:tuple = (224, 224) # network input / training crop: (H, W) or (D, H, W)
-    spacing:tuple = () # 3D: voxel size (x, y, z) in mm the CT is resampled to
+    img_size:tuple[int, ...] = (224, 224) # network input / training crop: (H, W) or (D, H, W)
+    spacing:tuple[float, ...] = () # 3D: voxel size (x, y, z) in mm the CT is resampled to
     label_fraction:float = 1.0 # fraction of the labelled training cases used
     seed:int = 0 # model init, label-fraction subset, data order and augmentation
     epochs:int = 100
@@ -363,16 +363,8 @@ class FinetuneConfig:
     max_cases:int = 0 # at most this many cases per split (0: all), drawn with the seed (smoke runs, debugging)
     smoke:bool = False # apply the protocol's smoke preset
     progress:bool = True # tqdm progress bars
+    keep_last:bool = False # also keep `checkpoints/last.pt` (the last epoch); the selected `best.pt` is always kept
     options:dict = field(default_factory=dict) # protocol-specific settings (split files, sample-task knobs)
-
-    def __post_init__(self):
-        problems = []
-        for f in dataclasses.fields(self):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            try: setattr(self, f.name, _coerce(f.name, getattr(self, f.name), default))
-            except ValueError as e: problems.append(str(e))
-        if not problems: problems = self._check()
-        if problems: raise ValueError("invalid fine-tuning config: " + "; ".join(problems))
 
     def _check(self) -> list[str]:
         p = []
@@ -383,7 +375,8 @@ class FinetuneConfig:
         need(self.init == 'scratch' or self.checkpoint, f"init={self.init!r} needs `checkpoint`")
         need(self.init != 'scratch' or not self.checkpoint, "`checkpoint` is set but init='scratch'")
         need(self.which in ('teacher', 'student'), f"which must be 'teacher' or 'student', got {self.which!r}")
-        need(self.arch in ARCHS, f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        try: self.arch = canonical_arch(self.arch)
+        except ValueError as e: p.append(str(e))
         need(self.lr_schedule in ('poly', 'constant'), f"lr_schedule must be 'poly' or 'constant', got {self.lr_schedule!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(0 < self.label_fraction <= 1, f"label_fraction must be in (0, 1], got {self.label_fraction}")
@@ -397,7 +390,7 @@ class FinetuneConfig:
         if self.protocol in PROTOCOLS:
             pr = PROTOCOLS[self.protocol]
             d = pr.spatial_dims
-            mult = (16, 32, 32) if d == 3 else (32, 32)
+            mult = size_multiple(d, self.arch if self.arch in ARCHS else 'small')
             need(len(self.img_size) == d and all(s > 0 and s % m == 0 for s, m in zip(self.img_size, mult))
                  and math.prod(s // m for s, m in zip(self.img_size, mult)) >= 2,
                  f"img_size must be {d} sizes, multiples of {mult} (the network's total stride), with at least two "
@@ -409,55 +402,18 @@ class FinetuneConfig:
             need(not self.deep_supervision or pr.kind == 'segmentation', "deep_supervision is for segmentation protocols")
         return p
 
-    def to_dict(self) -> dict:
-        "Plain dict (lists for tuples), ready for YAML/JSON."
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-def _coerce(name:str, value, default):
-    "Convert `value` to the type of `default`, or raise a ValueError naming the key."
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, bool): return value
-            if isinstance(value, str) and value.lower() in ('true', 'false'): return value.lower() == 'true'
-            raise ValueError
-        if isinstance(default, int): 
-            if isinstance(value, bool) or float(value) != int(float(value)): raise ValueError
-            return int(float(value))
-        if isinstance(default, float):
-            if isinstance(value, bool): raise ValueError
-            return float(value)
-        if isinstance(default, tuple):
-            if isinstance(value, (int, float)): value = (value,)
-            return tuple(float(v) if float(v) != int(float(v)) or name == 'spacing' else int(float(v)) for v in value)
-        if isinstance(default, dict):
-            if not isinstance(value, Mapping): raise ValueError
-            return dict(value)
-        if isinstance(default, str):
-            if value is None: return ''
-            if not isinstance(value, (str, Path)): raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {type(default).__name__}, got {value!r}") from None
-    return value
 
 # %% ../nbs/05a_tasks.ipynb #d818d8ff
 def load_config(source:FinetuneConfig|Mapping|str|Path, # config, dict, or YAML file
                ) -> FinetuneConfig:
     "A validated `FinetuneConfig`: protocol defaults, then the smoke preset (if `smoke`), then the given keys."
     if isinstance(source, FinetuneConfig): return source
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file(): raise FileNotFoundError(f"config file not found: {path}")
-        source = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(source, Mapping): raise ValueError(f"{path}: expected a YAML mapping of config keys")
-    d = dict(source)
-    valid = [f.name for f in dataclasses.fields(FinetuneConfig)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown: raise ValueError(f"unknown config key(s) {unknown}; valid keys: {valid}")
+    d = read_yaml(source) if isinstance(source, (str, Path)) else dict(source)
+    check_keys(d, list(FinetuneConfig.keys()), FinetuneConfig._what)
     name = d.get('protocol')
     if name not in PROTOCOLS: raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
     pr = PROTOCOLS[name]
-    smoke = _coerce('smoke', d.get('smoke', False), False)
+    smoke = coerce(d.get('smoke', False), bool, 'smoke')
     merged = {**pr.defaults, **(dict(SMOKE, **pr.smoke) if smoke else {}), **d}
     opts = d.get('options') or {}
     if not isinstance(opts, Mapping): raise ValueError(f"options: expected a mapping, got {opts!r}")
@@ -822,13 +778,6 @@ register(Protocol(
     smoke_options=dict(n_cases=[12, 8, 8], radius_mm=[10.0, 20.0])))
 
 # %% ../nbs/05a_tasks.ipynb #313d6488
-def resolve_device(name:str) -> torch.device:
-    "'auto' → CUDA if available else CPU; otherwise `torch.device(name)`."
-    if name == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    dev = torch.device(name)
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return dev
-
 def poly_lr(base:float, it:int, total:int, power:float=0.9) -> float:
     "The poly schedule of the official scripts: `base · (1 − it/total)^power`."
     return base * (1 - min(it, total) / total) ** power
@@ -981,9 +930,9 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
     cfg = load_config(config)
     pr, out, t0 = PROTOCOLS[cfg.protocol], Path(cfg.out_dir), time.perf_counter()
     atomic_write(out / 'config.yaml', lambda t: t.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-    set_determinism(cfg.seed)
+    seed_everything(cfg.seed, deterministic=True)
     device = resolve_device(cfg.device)
-    if cfg.precision == 'fp16' and device.type != 'cuda': raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or '32'")
+    check_precision(cfg.precision, device)
     splits = get_splits(cfg)
     counts = {k: len(v) for k, v in splits.items()}
     log.info("%s: cases %s", cfg.protocol, counts)
@@ -1070,6 +1019,7 @@ def train(model:nn.Module, protocol:Protocol, cfg:FinetuneConfig, train_ds:CaseD
             break
     if best['epoch'] is None:  # no (usable) validation: the last model is the selected one
         atomic_write(ckpt / 'best.pt', lambda t: t.write_bytes((ckpt / 'last.pt').read_bytes()))
+    if not cfg.keep_last: (ckpt / 'last.pt').unlink(missing_ok=True)  # a study of many runs would keep GBs of them
     best['seconds'] = time.perf_counter() - t0
     return history, best
 
