@@ -16,14 +16,14 @@ import torch
 from .mit import MiT
 
 # %% auto #0
-__all__ = ['official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'arch_name', 'read_checkpoint',
-           'split_official', 'official_to_unimiss', 'load_official', 'load_unimiss_state', 'to_official_state_dict',
-           'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint', 'parity_fixture_dir',
-           'rule_state_dict', 'parity_input']
+__all__ = ['compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'arch_name',
+           'read_checkpoint', 'split_official', 'official_to_unimiss', 'load_official', 'load_unimiss_state',
+           'to_official_state_dict', 'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint',
+           'parity_fixture_dir', 'rule_state_dict', 'parity_input']
 
 # %% ../nbs/01_checkpoint.ipynb #bcf6a6d9
 # (official template, unimiss template); `d` is 2 or 3, `s1` a 1-based and `s` a 0-based encoder stage,
-# `j` a decoder stage, `rest` the tail of the key. The first rule that matches wins.
+# `j` a 0-based and `j1` a 1-based decoder stage, `rest` the tail of the key. The first rule that matches wins.
 _RULES = [
     ('transformer.patch_embed{d}D0.{rest}', 'stem.{d}d.{rest}'),
     ('transformer.patch_embed{d}D{s1}.proj.{rest}', 'stages.{s}.patch_embed.{d}d.{rest}'),
@@ -39,22 +39,29 @@ _RULES = [
 ]
 # inside blocks only the spatial-reduction conv is per-dimensionality
 _SR = (('attn.sr2D.', 'attn.sr.2d.'), ('attn.sr3D.', 'attn.sr.3d.'))
-_GROUPS = dict(d='[23]', s1='[1-9]', s=r'\d', j=r'\d', rest='.+')
+_GROUPS = dict(d='[23]', s1='[1-9]', s=r'\d', j1='[1-9]', j=r'\d', rest='.+')
 
 def _template_regex(t:str) -> re.Pattern:
     out = re.escape(t)
     for name, pat in _GROUPS.items(): out = out.replace(re.escape('{' + name + '}'), f'(?P<{name}>{pat})')
     return re.compile(out)
 
-_COMPILED = [tuple(_template_regex(t) for t in rule) for rule in _RULES]
+def compile_key_rules(rules:list # `(official template, unimiss template)` pairs, first match wins
+                     ) -> list:
+    "Key-renaming rules with their compiled regexes, for `_rename` (also used by the MiT+ layout)."
+    return [(rule, tuple(_template_regex(t) for t in rule)) for rule in rules]
 
-def _rename(key:str, src:int, dst:int, what:str) -> str:
-    for rule, rx in zip(_RULES, _COMPILED):
+_COMPILED = compile_key_rules(_RULES)
+
+def _rename(key:str, src:int, dst:int, what:str, compiled:list=_COMPILED) -> str:
+    for rule, rx in compiled:
         m = rx[src].fullmatch(key)
         if m is None: continue
         g = m.groupdict()
         if 's1' in g: g['s'] = int(g['s1']) - 1
         if 's' in g: g['s1'] = int(g['s']) + 1
+        if 'j1' in g: g['j'] = int(g['j1']) - 1
+        if 'j' in g: g['j1'] = int(g['j']) + 1
         out = rule[dst].format(**g)
         for pair in _SR: out = out.replace(pair[src], pair[dst])
         return out
