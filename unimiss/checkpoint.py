@@ -16,10 +16,10 @@ import torch
 from .mit import MiT
 
 # %% auto #0
-__all__ = ['compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'arch_name',
-           'read_checkpoint', 'split_official', 'official_to_unimiss', 'load_official', 'load_unimiss_state',
-           'to_official_state_dict', 'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint',
-           'parity_fixture_dir', 'rule_state_dict', 'parity_input']
+__all__ = ['compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'infer_img_sizes',
+           'arch_name', 'read_checkpoint', 'split_official', 'official_to_unimiss', 'load_official',
+           'load_unimiss_state', 'to_official_state_dict', 'official_head_to_unimiss', 'unimiss_head_to_official',
+           'to_official_checkpoint', 'parity_fixture_dir', 'rule_state_dict', 'parity_input']
 
 # %% ../nbs/01_checkpoint.ipynb #bcf6a6d9
 # (official template, unimiss template); `d` is 2 or 3, `s1` a 1-based and `s` a 0-based encoder stage,
@@ -95,6 +95,14 @@ def infer_mit_config(state_dict:Mapping, # official-layout backbone state dict
     cfg = dict(spatial_dims=dims, depths=_depths(keys, r'transformer\.block(?P<s>\d)\.(?P<b>\d+)\.'),
                dec_depths=_depths(keys, r'Decblock(?P<s>\d)\.(?P<b>\d+)\.'))
     if not cfg['dec_depths']: cfg['decoder'] = False; del cfg['dec_depths']
+    return cfg | infer_img_sizes(state_dict, dims, img_size3d)
+
+def infer_img_sizes(state_dict:Mapping, # official-layout backbone state dict (MiT or MiT+)
+                    dims:tuple, # the modalities it holds, e.g. (2, 3)
+                    img_size3d=None # (D, H, W) of 3D pretraining; inferred with D=16 if None
+                   ) -> dict:
+    "`img_size2d` / `img_size3d` of pretraining, from the stage-1 position embeddings ((S/4)² and 8·(S/4)² tokens)."
+    cfg = {}
     if 2 in dims:
         n1 = state_dict['transformer.pos_embed2D1'].shape[1] - 1
         side = math.isqrt(n1)
@@ -145,13 +153,15 @@ def split_official(src, # path, loaded checkpoint, `student`/`teacher` dict or b
         else: backbone[k.removeprefix('backbone.')] = v
     return backbone, head
 
-def official_to_unimiss(state_dict:Mapping) -> OrderedDict:
+def official_to_unimiss(state_dict:Mapping,
+                        rename=None, # key renamer; default `official_to_unimiss_key` (`unimiss.mitplus` passes MiT+'s)
+                        what:str='MiT') -> OrderedDict:
     "Rename an official-layout backbone state dict to `MiT` names (values untouched)."
     out, bad = OrderedDict(), []
     for k, v in state_dict.items():
-        try: out[official_to_unimiss_key(k)] = v
+        try: out[(rename or official_to_unimiss_key)(k)] = v
         except KeyError: bad.append(k)
-    if bad: raise KeyError(f"{len(bad)} key(s) are not official MiT parameters: {bad[:10]}")
+    if bad: raise KeyError(f"{len(bad)} key(s) are not official {what} parameters: {bad[:10]}")
     return out
 
 def load_official(src, # path, loaded checkpoint, `student`/`teacher` dict or bare backbone state dict
@@ -181,10 +191,12 @@ def load_unimiss_state(model:torch.nn.Module, state_dict:Mapping):
     return model
 
 # %% ../nbs/01_checkpoint.ipynb #f28e9368
-def to_official_state_dict(model_or_state:torch.nn.Module|Mapping) -> OrderedDict:
+def to_official_state_dict(model_or_state:torch.nn.Module|Mapping,
+                           rename=None, # key renamer; default `unimiss_to_official_key` (MiT+: its own)
+                          ) -> OrderedDict:
     "`MiT` weights (a model or its state dict) renamed to the official layout."
     sd = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    return OrderedDict((unimiss_to_official_key(k), v) for k, v in sd.items())
+    return OrderedDict(((rename or unimiss_to_official_key)(k), v) for k, v in sd.items())
 
 _HEAD = {'last_layer.weight_g': 'last_layer.parametrizations.weight.original0',
          'last_layer.weight_v': 'last_layer.parametrizations.weight.original1'}
@@ -201,10 +213,11 @@ def unimiss_head_to_official(head:Mapping) -> OrderedDict:
 def to_official_checkpoint(teacher:torch.nn.Module|Mapping, # teacher backbone (MiT or its state dict)
                            teacher_head:Mapping|None=None, # teacher DINOHead state dict
                            student:torch.nn.Module|Mapping|None=None, student_head:Mapping|None=None,
+                           rename=None, # backbone key renamer, see `to_official_state_dict`
                            **extra) -> dict:
     "A dict in the layout of the authors' `main.py` checkpoints (`teacher`, DDP-prefixed `student`, extras)."
     def net(bb, hd, prefix=''):
-        sd = OrderedDict((f'{prefix}backbone.{k}', v) for k, v in to_official_state_dict(bb).items())
+        sd = OrderedDict((f'{prefix}backbone.{k}', v) for k, v in to_official_state_dict(bb, rename).items())
         sd.update((f'{prefix}head.{k}', v) for k, v in unimiss_head_to_official(hd or {}).items())
         return sd
     out = dict(teacher=net(teacher, teacher_head))
