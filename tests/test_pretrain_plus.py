@@ -43,3 +43,22 @@ def test_config_checks():
         load_config(PLUS | dict(objective='unimis'))
     with pytest.raises(ValueError, match="weight_drr must be >= 0"):
         load_config(PLUS | dict(weight_drr=-1))
+
+
+def test_ct_drr_pairs_from_files(tmp_path):
+    "With files, each sub-volume is paired with the DRR PNG `unimiss-preprocess drr` wrote next to it."
+    pytest.importorskip("diffdrr")
+    from unimiss.data import phantom_ct, write_list_file, write_nifti
+    from unimiss.drr import write_drrs
+    from unimiss.pretrain_plus import PairedViews, plus_datasets
+    vols = [write_nifti(tmp_path / "ct" / f"s{k}.nii.gz", phantom_ct((80, 80, 24), seed=k), spacing=(4.0, 4.0, 3.0))
+            for k in range(2)]
+    write_list_file(tmp_path / "ct.txt", vols, tmp_path)
+    cfg = load_config(PLUS | dict(synthetic=0, data_dir=str(tmp_path), list_3d='ct.txt', use_2d=False))
+    with pytest.raises(FileNotFoundError, match="have no DRR"):
+        plus_datasets(cfg)
+    write_drrs(tmp_path / "ct", geometry="parallel", progress=False)
+    ds = plus_datasets(cfg)[3]
+    assert isinstance(ds, PairedViews) and len(ds) == 2
+    (ct1, drr1), (ct2, drr2) = ds[0]
+    assert ct1.shape == (1, 16, 64, 64) and drr1.shape == (3, 64, 64)

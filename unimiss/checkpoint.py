@@ -169,8 +169,12 @@ def load_official(src, # path, loaded checkpoint, `student`/`teacher` dict or ba
                   img_size3d=None, # 3D pretraining size, if not the official (16, 96, 96) family
                   return_head:bool=False, # also return the DINO head weights (unimiss `DINOHead` layout)
                   **kwargs): # more `MiT` arguments, e.g. drop_path_rate
-    "Build the `MiT` that an official checkpoint holds and load its weights, strictly."
+    "Build the `MiT` that an official checkpoint holds and load its weights, strictly (a UniMiSS+ one: its `MiTPlus`)."
     backbone, head = split_official(src, which)
+    if any(k.startswith('transformer.ConvBlock') for k in backbone):  # only MiT+ has the two-level conv stem
+        from unimiss.mitplus import load_official_plus
+        both = OrderedDict(backbone) | OrderedDict((f'head.{k}', v) for k, v in head.items())
+        return load_official_plus(both, img_size3d=img_size3d, return_head=return_head, **kwargs)
     cfg = infer_mit_config(backbone, img_size3d)
     model = MiT(**(cfg | kwargs))
     load_unimiss_state(model, official_to_unimiss(backbone))
