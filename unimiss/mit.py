@@ -77,7 +77,6 @@ class SpatialReductionAttention(nn.Module):
                  qkv_bias:bool=True,
                  spatial_dims:Sequence[int]=(2, 3),
                  sr_depthwise:bool=False): # depthwise (per-channel) reduction conv, as in MiT+
-
         super().__init__()
         if dim % num_heads: raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.sr_ratio = num_heads, sr_ratio
