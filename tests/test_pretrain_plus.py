@@ -62,3 +62,15 @@ def test_ct_drr_pairs_from_files(tmp_path):
     assert isinstance(ds, PairedViews) and len(ds) == 2
     (ct1, drr1), (ct2, drr2) = ds[0]
     assert ct1.shape == (1, 16, 64, 64) and drr1.shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["pretrain_plus-paper.yaml", "pretrain_plus-sample.yaml"])
+def test_plus_configs_are_valid(name):
+    "The experiment configs give a valid UniMiSS+ PretrainConfig (as nbs/experiments/pretrain.ipynb builds it)."
+    import yaml
+    from pathlib import Path
+    y = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
+    keys = ('img_size_2d', 'img_size_3d', 'arch', 'out_dim', 'epochs', 'interval', 'batch_size_2d', 'batch_size_3d',
+            'lr', 'warmup_epochs')
+    cfg = load_config({k: y[k] for k in keys} | y['pretrain_options'])
+    assert cfg.objective == 'unimiss_plus' and cfg.arch.startswith('mit_plus')
