@@ -16,16 +16,16 @@ import torch
 from .mit import MiT
 
 # %% auto #0
-__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config', 'arch_name',
-           'read_checkpoint', 'split_official', 'official_to_unimiss', 'load_official', 'load_unimiss_state',
-           'to_official_state_dict', 'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint',
-           'parity_fixture_dir', 'rule_state_dict', 'parity_input', 'mit_config', 'model_config', 'build_from_config',
-           'save_pretrained', 'read_safetensors', 'from_pretrained', 'describe_layout', 'load_backbone', 'convert',
-           'main']
+__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key',
+           'infer_mit_config', 'infer_img_sizes', 'arch_name', 'read_checkpoint', 'split_official',
+           'official_to_unimiss', 'load_official', 'load_unimiss_state', 'to_official_state_dict',
+           'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint', 'parity_fixture_dir',
+           'rule_state_dict', 'parity_input', 'mit_config', 'model_config', 'build_from_config', 'save_pretrained',
+           'read_safetensors', 'from_pretrained', 'describe_layout', 'load_backbone', 'convert', 'main']
 
 # %% ../nbs/01_checkpoint.ipynb #bcf6a6d9
 # (official template, unimiss template); `d` is 2 or 3, `s1` a 1-based and `s` a 0-based encoder stage,
-# `j` a decoder stage, `rest` the tail of the key. The first rule that matches wins.
+# `j` a 0-based and `j1` a 1-based decoder stage, `rest` the tail of the key. The first rule that matches wins.
 _RULES = [
     ('transformer.patch_embed{d}D0.{rest}', 'stem.{d}d.{rest}'),
     ('transformer.patch_embed{d}D{s1}.proj.{rest}', 'stages.{s}.patch_embed.{d}d.{rest}'),
@@ -41,22 +41,29 @@ _RULES = [
 ]
 # inside blocks only the spatial-reduction conv is per-dimensionality
 _SR = (('attn.sr2D.', 'attn.sr.2d.'), ('attn.sr3D.', 'attn.sr.3d.'))
-_GROUPS = dict(d='[23]', s1='[1-9]', s=r'\d', j=r'\d', rest='.+')
+_GROUPS = dict(d='[23]', s1='[1-9]', s=r'\d', j1='[1-9]', j=r'\d', rest='.+')
 
 def _template_regex(t:str) -> re.Pattern:
     out = re.escape(t)
     for name, pat in _GROUPS.items(): out = out.replace(re.escape('{' + name + '}'), f'(?P<{name}>{pat})')
     return re.compile(out)
 
-_COMPILED = [tuple(_template_regex(t) for t in rule) for rule in _RULES]
+def compile_key_rules(rules:list # `(official template, unimiss template)` pairs, first match wins
+                     ) -> list:
+    "Key-renaming rules with their compiled regexes, for `_rename` (also used by the MiT+ layout)."
+    return [(rule, tuple(_template_regex(t) for t in rule)) for rule in rules]
 
-def _rename(key:str, src:int, dst:int, what:str) -> str:
-    for rule, rx in zip(_RULES, _COMPILED):
+_COMPILED = compile_key_rules(_RULES)
+
+def _rename(key:str, src:int, dst:int, what:str, compiled:list=_COMPILED) -> str:
+    for rule, rx in compiled:
         m = rx[src].fullmatch(key)
         if m is None: continue
         g = m.groupdict()
         if 's1' in g: g['s'] = int(g['s1']) - 1
         if 's' in g: g['s1'] = int(g['s']) + 1
+        if 'j1' in g: g['j'] = int(g['j1']) - 1
+        if 'j' in g: g['j1'] = int(g['j']) + 1
         out = rule[dst].format(**g)
         for pair in _SR: out = out.replace(pair[src], pair[dst])
         return out
@@ -90,6 +97,14 @@ def infer_mit_config(state_dict:Mapping, # official-layout backbone state dict
     cfg = dict(spatial_dims=dims, depths=_depths(keys, r'transformer\.block(?P<s>\d)\.(?P<b>\d+)\.'),
                dec_depths=_depths(keys, r'Decblock(?P<s>\d)\.(?P<b>\d+)\.'))
     if not cfg['dec_depths']: cfg['decoder'] = False; del cfg['dec_depths']
+    return cfg | infer_img_sizes(state_dict, dims, img_size3d)
+
+def infer_img_sizes(state_dict:Mapping, # official-layout backbone state dict (MiT or MiT+)
+                    dims:tuple, # the modalities it holds, e.g. (2, 3)
+                    img_size3d=None # (D, H, W) of 3D pretraining; inferred with D=16 if None
+                   ) -> dict:
+    "`img_size2d` / `img_size3d` of pretraining, from the stage-1 position embeddings ((S/4)² and 8·(S/4)² tokens)."
+    cfg = {}
     if 2 in dims:
         n1 = state_dict['transformer.pos_embed2D1'].shape[1] - 1
         side = math.isqrt(n1)
@@ -140,13 +155,15 @@ def split_official(src, # path, loaded checkpoint, `student`/`teacher` dict or b
         else: backbone[k.removeprefix('backbone.')] = v
     return backbone, head
 
-def official_to_unimiss(state_dict:Mapping) -> OrderedDict:
+def official_to_unimiss(state_dict:Mapping,
+                        rename=None, # key renamer; default `official_to_unimiss_key` (`unimiss.mitplus` passes MiT+'s)
+                        what:str='MiT') -> OrderedDict:
     "Rename an official-layout backbone state dict to `MiT` names (values untouched)."
     out, bad = OrderedDict(), []
     for k, v in state_dict.items():
-        try: out[official_to_unimiss_key(k)] = v
+        try: out[(rename or official_to_unimiss_key)(k)] = v
         except KeyError: bad.append(k)
-    if bad: raise KeyError(f"{len(bad)} key(s) are not official MiT parameters: {bad[:10]}")
+    if bad: raise KeyError(f"{len(bad)} key(s) are not official {what} parameters: {bad[:10]}")
     return out
 
 def load_official(src, # path, loaded checkpoint, `student`/`teacher` dict or bare backbone state dict
@@ -154,8 +171,12 @@ def load_official(src, # path, loaded checkpoint, `student`/`teacher` dict or ba
                   img_size3d=None, # 3D pretraining size, if not the official (16, 96, 96) family
                   return_head:bool=False, # also return the DINO head weights (unimiss `DINOHead` layout)
                   **kwargs): # more `MiT` arguments, e.g. drop_path_rate
-    "Build the `MiT` that an official checkpoint holds and load its weights, strictly."
+    "Build the `MiT` that an official checkpoint holds and load its weights, strictly (a UniMiSS+ one: its `MiTPlus`)."
     backbone, head = split_official(src, which)
+    if any(k.startswith('transformer.ConvBlock') for k in backbone):  # only MiT+ has the two-level conv stem
+        from unimiss.mitplus import load_official_plus
+        both = OrderedDict(backbone) | OrderedDict((f'head.{k}', v) for k, v in head.items())
+        return load_official_plus(both, img_size3d=img_size3d, return_head=return_head, **kwargs)
     cfg = infer_mit_config(backbone, img_size3d)
     model = MiT(**(cfg | kwargs))
     load_unimiss_state(model, official_to_unimiss(backbone))
@@ -176,10 +197,12 @@ def load_unimiss_state(model:torch.nn.Module, state_dict:Mapping):
     return model
 
 # %% ../nbs/01_checkpoint.ipynb #f28e9368
-def to_official_state_dict(model_or_state:torch.nn.Module|Mapping) -> OrderedDict:
+def to_official_state_dict(model_or_state:torch.nn.Module|Mapping,
+                           rename=None, # key renamer; default `unimiss_to_official_key` (MiT+: its own)
+                          ) -> OrderedDict:
     "`MiT` weights (a model or its state dict) renamed to the official layout."
     sd = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    return OrderedDict((unimiss_to_official_key(k), v) for k, v in sd.items())
+    return OrderedDict(((rename or unimiss_to_official_key)(k), v) for k, v in sd.items())
 
 _HEAD = {'last_layer.weight_g': 'last_layer.parametrizations.weight.original0',
          'last_layer.weight_v': 'last_layer.parametrizations.weight.original1'}
@@ -196,10 +219,11 @@ def unimiss_head_to_official(head:Mapping) -> OrderedDict:
 def to_official_checkpoint(teacher:torch.nn.Module|Mapping, # teacher backbone (MiT or its state dict)
                            teacher_head:Mapping|None=None, # teacher DINOHead state dict
                            student:torch.nn.Module|Mapping|None=None, student_head:Mapping|None=None,
+                           rename=None, # backbone key renamer, see `to_official_state_dict`
                            **extra) -> dict:
     "A dict in the layout of the authors' `main.py` checkpoints (`teacher`, DDP-prefixed `student`, extras)."
     def net(bb, hd, prefix=''):
-        sd = OrderedDict((f'{prefix}backbone.{k}', v) for k, v in to_official_state_dict(bb).items())
+        sd = OrderedDict((f'{prefix}backbone.{k}', v) for k, v in to_official_state_dict(bb, rename).items())
         sd.update((f'{prefix}head.{k}', v) for k, v in unimiss_head_to_official(hd or {}).items())
         return sd
     out = dict(teacher=net(teacher, teacher_head))

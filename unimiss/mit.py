@@ -58,17 +58,18 @@ class ConvNormAct(nn.Sequential):
 def resize_pos_embed(pos_embed:torch.Tensor, # (1, 1 + prod(src_grid), C), CLS entry first
                      src_grid:Sequence[int], # grid the embedding was learnt on
                      dst_grid:Sequence[int], # grid of the current input
+                     num_prefix_tokens:int=1, # entries before the grid (1: CLS; 0: none, as in the MiT+ decoder)
                     ) -> torch.Tensor:
     "Resample a position embedding (CLS entry first) from `src_grid` to `dst_grid`: bicubic in 2D, trilinear in 3D."
     src_grid, dst_grid = tuple(src_grid), tuple(dst_grid)
     if src_grid == dst_grid: return pos_embed
     if len(src_grid) != len(dst_grid): raise ValueError(f"grids {src_grid} and {dst_grid} have different dimensionality")
     C = pos_embed.shape[-1]
-    grid = tokens_to_map(pos_embed[:, 1:], src_grid)
+    grid = tokens_to_map(pos_embed[:, num_prefix_tokens:], src_grid)
     mode = {2: 'bicubic', 3: 'trilinear'}[len(src_grid)]
     # same call as the official code (scale_factor, not size) so that the sampling positions, hence the numbers, match
     grid = F.interpolate(grid, scale_factor=tuple((o + 0.1) / i for o, i in zip(dst_grid, src_grid)), mode=mode)
-    return torch.cat([pos_embed[:, :1], map_to_tokens(grid)], dim=1)
+    return torch.cat([pos_embed[:, :num_prefix_tokens], map_to_tokens(grid)], dim=1)
 
 # %% ../nbs/00_mit.ipynb #aac52a55
 class SpatialReductionAttention(nn.Module):
@@ -76,7 +77,8 @@ class SpatialReductionAttention(nn.Module):
     def __init__(self, dim:int, num_heads:int,
                  sr_ratio:int=1, # kernel and stride of the reduction conv; 1 = plain attention
                  qkv_bias:bool=True,
-                 spatial_dims:Sequence[int]=(2, 3)):
+                 spatial_dims:Sequence[int]=(2, 3),
+                 sr_depthwise:bool=False): # depthwise (per-channel) reduction conv, as in MiT+
         super().__init__()
         if dim % num_heads: raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.sr_ratio = num_heads, sr_ratio
@@ -84,10 +86,11 @@ class SpatialReductionAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if sr_ratio > 1:
-            self.sr = nn.ModuleDict({dim_key(d): CONV[d](dim, dim, sr_ratio, sr_ratio) for d in spatial_dims})
+            self.sr = nn.ModuleDict({dim_key(d): CONV[d](dim, dim, sr_ratio, sr_ratio, groups=dim if sr_depthwise else 1)
+                                     for d in spatial_dims})
             self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x:torch.Tensor, # (B, 1 + N, C), CLS first
+    def forward(self, x:torch.Tensor, # (B, 1 + N, C), CLS first; or (B, N, C) without CLS
                 grid:Sequence[int], # patch-token grid, prod(grid) == N
                 return_attn:bool=False, # also return the (B, heads, 1 + N, 1 + M) attention
                 cls_only:bool=False): # only the CLS token attends (output (B, 1, C)); keys/values still see all tokens
@@ -95,8 +98,9 @@ class SpatialReductionAttention(nn.Module):
         h, Nq = self.num_heads, 1 if cls_only else N
         q = self.q(x[:, :Nq]).reshape(B, Nq, h, C // h).transpose(1, 2)
         if self.sr_ratio > 1:
-            reduced = map_to_tokens(self.sr[dim_key(len(grid))](tokens_to_map(x[:, 1:], grid)))
-            x = self.norm(torch.cat([x[:, :1], reduced], dim=1))
+            p = N - math.prod(grid)  # 1 with a CLS token (kept out of the reduction), 0 without
+            reduced = map_to_tokens(self.sr[dim_key(len(grid))](tokens_to_map(x[:, p:], grid)))
+            x = self.norm(torch.cat([x[:, :p], reduced], dim=1))
         k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
         if return_attn:
             attn = (q @ k.transpose(-2, -1) * (C // h) ** -0.5).softmax(-1)
@@ -127,10 +131,11 @@ class Block(nn.Module):
     "Pre-norm transformer block with spatial-reduction attention and stochastic depth."
     def __init__(self, dim:int, num_heads:int, mlp_ratio:float=4., sr_ratio:int=1, qkv_bias:bool=True,
                  drop_path:float=0., # probability of dropping each residual branch (training only)
-                 norm_eps:float=1e-6, spatial_dims:Sequence[int]=(2, 3)):
+                 norm_eps:float=1e-6, spatial_dims:Sequence[int]=(2, 3),
+                 sr_depthwise:bool=False): # depthwise spatial-reduction convs (MiT+)
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, spatial_dims)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias, spatial_dims, sr_depthwise)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -160,18 +165,24 @@ class EncoderStage(nn.Module):
     def __init__(self, in_channels:int, dim:int, depth:int, num_heads:int, sr_ratio:int,
                  pos_grids:dict, # {spatial_dims: grid the position embedding is learnt on}
                  cls_in:int|None, # width of the incoming CLS token (None: this stage owns the first CLS token)
-                 mlp_ratio:float=4., drop_path:Sequence[float]=(), qkv_bias:bool=True, norm_eps:float=1e-6):
+                 mlp_ratio:float=4., drop_path:Sequence[float]=(), qkv_bias:bool=True, norm_eps:float=1e-6,
+                 patch_stride:dict|None=None, # {spatial_dims: stride of the patch embedding}; default 2 everywhere
+                 patch_refine:bool=False, # MiT+: a 3×3 stride-1 conv block after the patch-embedding conv
+                 sr_depthwise:bool=False):
         super().__init__()
         dims = tuple(pos_grids)
         self.pos_grids = {dim_key(d): tuple(g) for d, g in pos_grids.items()}
-        self.patch_embed = nn.ModuleDict({dim_key(d): ConvNormAct(d, in_channels, dim, 3, 2, 1) for d in dims})
+        def embed(d):
+            conv = ConvNormAct(d, in_channels, dim, 3, (patch_stride or {}).get(d, 2), 1)
+            return nn.Sequential(conv, ConvNormAct(d, dim, dim, 3, 1, 1)) if patch_refine else conv
+        self.patch_embed = nn.ModuleDict({dim_key(d): embed(d) for d in dims})
         self.pos_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1 + math.prod(g), dim))
                                            for k, g in self.pos_grids.items()})
         if cls_in is None: self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         else: self.cls_proj = nn.Linear(cls_in, dim)
         dp = list(drop_path) or [0.] * depth
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims)
-                                     for i in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims,
+                                           sr_depthwise) for i in range(depth)])
 
     def tokens(self, x:torch.Tensor, cls:torch.Tensor|None, key:str):
         "Embed feature map `x` (and the previous CLS token `cls`, (B, 1, C')) into position-encoded tokens."
@@ -303,7 +314,7 @@ class MiT(nn.Module):
         d = x.ndim - 2
         if d not in self.spatial_dims:
             exp = ' or '.join(self.expected_shape(d) for d in self.spatial_dims)
-            raise ValueError(f"MiT(spatial_dims={self.spatial_dims}) expects input of shape {exp}; got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}(spatial_dims={self.spatial_dims}) expects input of shape {exp}; got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels[d]:
             raise ValueError(f"{d}D input must have {self.in_channels[d]} channel(s), shape {self.expected_shape(d)}; "
                              f"got {tuple(x.shape)}")

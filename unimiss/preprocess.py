@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--labels", help="folder of label maps (NIfTI/MetaImage/NRRD), matched to the images by name and grid")
     ct.add_argument("--modality", default="CT", help="DICOM series of other modalities are skipped (default CT; 'any' keeps all)")
     ct.add_argument("--list-name", default="ct_list.txt", help="list file written in OUT (default ct_list.txt)")
+    # `drr` is parsed by `unimiss.drr` (which needs torch and DiffDRR), only when asked for: see `main`
+    sub.add_parser("drr", help="render the DRR PNG of every CT sub-volume, UniMiSS+ (options: unimiss-preprocess drr -h)")
     xr = sub.add_parser("xray", help="resize radiographs (PNG/JPEG/DICOM) to square PNGs")
     xr.add_argument("src", help="folder of radiographs (searched recursively) or one file")
     xr.add_argument("out", help="output folder")
@@ -477,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv:Sequence[str]|None=None, # arguments (default: `sys.argv[1:]`)
         ) -> int:
     "Entry point of `python -m unimiss.preprocess` / `unimiss-preprocess`."
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["drr"]:
+        from .drr import main as drr_main
+        return drr_main(argv[1:], prog="unimiss-preprocess drr")
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     exclude = list(a.exclude) + (read_patterns(a.exclude_from) if a.exclude_from else [])

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import unimiss
 from .config import PRECISIONS, Config, check_precision, resolve_device, seed_everything
 from .mit import MiT, canonical_arch, mit_micro, mit_small, mit_tiny, size_multiple
+from .mitplus import MITPLUS_ARCHS, MiTPlus, mit_plus, mit_plus_micro
 from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
     collapse_monitors, cosine_schedule, cross_dimensional_loss, ema_update, param_groups, teacher_temp_schedule,
@@ -50,7 +51,8 @@ __all__ = ['logger', 'ARCHS', 'PretrainConfig', 'load_config', 'epoch_plan', 'Sy
            'build_backbone', 'pretrain', 'parse_args', 'main']
 
 # %% ../nbs/04_pretrain.ipynb #544c62dc
-ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro}  # factories taking MiT arguments
+ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro,
+         'plus': mit_plus, 'plus_micro': mit_plus_micro}  # factories taking MiT (MiT+) arguments
 
 @dataclass
 class PretrainConfig(Config):
@@ -94,6 +96,10 @@ class PretrainConfig(Config):
     weight_vs:float = 1. # weight of H(volume → slices)
     weight_ss:float = 1. # weight of H(slices → slices)
     weight_sv:float = 1. # weight of H(slices → volume)
+    objective:str = 'unimiss' # 'unimiss', or 'unimiss_plus' (CT + DRR pairs, reconstruction; a mit_plus* arch)
+    weight_drr:float = 0.5 # UniMiSS+: weight of H(CT → DRR)
+    weight_slices:float = 0.1 # UniMiSS+: weight of H(CT → slices)
+    weight_recon:float = 5. # UniMiSS+: weight of each reconstruction MSE
     # ablations
     use_2d:bool = True # train on X-rays
     use_3d:bool = True # train on CT
@@ -115,7 +121,7 @@ class PretrainConfig(Config):
         p = []
         def need(ok, msg):
             if not ok: p.append(msg)
-        try: self.arch = canonical_arch(self.arch)
+        try: self.arch = self.arch if self.arch in MITPLUS_ARCHS else canonical_arch(self.arch)
         except ValueError as e: return [str(e)]
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.on_error in ('raise', 'skip'), f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
@@ -123,7 +129,7 @@ class PretrainConfig(Config):
             need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ('synthetic', 'warmup_epochs', 'freeze_last_layer', 'warmup_teacher_temp_epochs', 'num_workers',
                   'save_every', 'epochs_per_run', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad',
-                  'weight_vv', 'weight_vs', 'weight_ss', 'weight_sv'):
+                  'weight_vv', 'weight_vs', 'weight_ss', 'weight_sv', 'weight_drr', 'weight_slices', 'weight_recon'):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ('lr', 'student_temp', 'teacher_temp', 'warmup_teacher_temp'):
             need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
@@ -133,11 +139,16 @@ class PretrainConfig(Config):
         need(0 <= self.center_momentum < 1, f"center_momentum must be in [0, 1), got {self.center_momentum}")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         need(self.use_2d or self.use_3d, "use_2d and use_3d are both false: nothing to train on")
-        (m2, _), m3 = size_multiple(2, self.arch), size_multiple(3, self.arch)
+        need(self.objective in ('unimiss', 'unimiss_plus'), f"objective must be 'unimiss' or 'unimiss_plus', got {self.objective!r}")
+        need((self.objective == 'unimiss_plus') == (self.arch in MITPLUS_ARCHS),
+             f"objective {self.objective!r} and arch {self.arch!r} do not fit: unimiss_plus trains a MiT+ arch ({', '.join(MITPLUS_ARCHS)}), unimiss a MiT")
+        need(self.objective == 'unimiss' or self.cross_dimensional, "objective 'unimiss_plus' needs cross_dimensional (its DRR and slice terms)")
+        mult = MiTPlus.size_multiple if self.arch in MITPLUS_ARCHS else (lambda d: size_multiple(d, self.arch))
+        (m2, _), m3 = mult(2), mult(3)
         need(self.img_size_2d % m2 == 0 and self.img_size_2d > 0,
-             f"img_size_2d must be a positive multiple of {m2} (the total stride of MiT-{self.arch}), got {self.img_size_2d}")
+             f"img_size_2d must be a positive multiple of {m2} (the total stride of {self.arch}), got {self.img_size_2d}")
         need(all(s % m == 0 and s > 0 for s, m in zip(self.img_size_3d, m3)),
-             f"img_size_3d (D, H, W) must be positive multiples of {m3} (the total stride of MiT-{self.arch}), "
+             f"img_size_3d (D, H, W) must be positive multiples of {m3} (the total stride of {self.arch}), "
              f"got {self.img_size_3d}")
         return p
 
@@ -229,6 +240,7 @@ def seed_epoch(loader:DataLoader, seed:int, rank:int, epoch:int):
 # %% ../nbs/04_pretrain.ipynb #8a91c033
 class SelfDistillation:
     "Student, EMA teacher, loss, optimiser and precision of a UniMiSS run; `step` trains on one batch."
+    net_class = SelfDistillationNet  # backbone + head; UniMiSS+ uses one that also reconstructs
     def __init__(self, backbone:nn.Module, # e.g. `mit_tiny(spatial_dims=(2, 3))`; must have `embed_dim`
                  cfg:PretrainConfig, # head size, temperatures, clipping, weights, precision
                  device:torch.device|str='cpu',
@@ -236,7 +248,7 @@ class SelfDistillation:
         self.cfg, self.device = cfg, torch.device(device)
         check_precision(cfg.precision, self.device)
         head = DINOHead(backbone.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer)
-        self.student = SelfDistillationNet(backbone, head).to(self.device)
+        self.student = self.net_class(backbone, head).to(self.device)
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
         # in 2D epochs the 3D-only weights take no part, hence find_unused_parameters
         self.model = (DistributedDataParallel(self.student, find_unused_parameters=True) if distributed
@@ -410,7 +422,10 @@ def export_teacher(checkpoint:str|Path|Mapping, # checkpoint path or loaded chec
     head = {k.removeprefix('head.'): v for k, v in ckpt['teacher'].items() if k.startswith('head.')}
     meta = dict(config=ckpt.get('config'), epoch=ckpt.get('epoch'), unimiss_version=ckpt.get('unimiss_version'))
     ours = save_checkpoint(dict(state_dict=backbone, **meta), out_dir/'teacher_backbone.pth')
-    official = save_checkpoint(to_official_checkpoint(backbone, head, epoch=ckpt.get('epoch')),
+    plus = (ckpt.get('config') or {}).get('objective') == 'unimiss_plus'  # a MiT+: the UniMiSS+ layout
+    from unimiss.mitplus import unimiss_to_official_plus_key
+    official = save_checkpoint(to_official_checkpoint(backbone, head, rename=unimiss_to_official_plus_key if plus else None,
+                                                      epoch=ckpt.get('epoch')),
                                out_dir/'teacher_official.pth')
     return dict(unimiss=ours, official=official)
 
@@ -536,7 +551,9 @@ def _pretrain(cfg, datasets, rank, world, device):
     out, main = Path(cfg.output_dir), rank == 0
     ckpt_path = out/'checkpoint.pth'
     seed_everything(cfg.seed)
-    datasets = dict(datasets) if datasets is not None else build_datasets(cfg)
+    plus = cfg.objective == 'unimiss_plus'
+    if plus: from unimiss.pretrain_plus import PlusSelfDistillation, plus_datasets
+    datasets = dict(datasets) if datasets is not None else (plus_datasets if plus else build_datasets)(cfg)
     plan = epoch_plan(cfg.epochs, cfg.interval, cfg.use_2d, cfg.use_3d)
     batch = {2: cfg.batch_size_2d, 3: cfg.batch_size_3d}
     for d in set(plan):
@@ -549,7 +566,7 @@ def _pretrain(cfg, datasets, rank, world, device):
     mom = cosine_schedule(cfg.momentum_teacher, 1., iters)
     ttemp = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs)
 
-    sd = SelfDistillation(build_backbone(cfg), cfg, device, distributed=world > 1)
+    sd = (PlusSelfDistillation if plus else SelfDistillation)(build_backbone(cfg), cfg, device, distributed=world > 1)
     start, it = 0, 0
     if cfg.resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, map_location=device)
