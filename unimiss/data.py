@@ -161,11 +161,13 @@ _STALE_TEMP = re.compile(r"^\..+\.tmp(-[a-z0-9_]{8}.*)?$")  # ours, and the `.NA
 
 def remove_stale_temps(folder:str|Path, # output folder of a run
                        recursive:bool=True, # also its sub-folders
+                       of:str|None=None, # only the temporaries of this destination file name
                       ) -> list[Path]:
-    "Delete the temporaries that killed `atomic_write`s left in `folder`; call at the start of a run. Returns them."
+    "Delete the temporaries that killed `atomic_write`s left in `folder`; call where no other writer is running. Returns them."
     folder = Path(folder)
     if not folder.is_dir(): return []
-    found = [p for p in (folder.rglob(".*") if recursive else folder.glob(".*")) if p.is_file() and _STALE_TEMP.match(p.name)]
+    pattern = ".*" if of is None else f".{of}.tmp*"
+    found = [p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file() and _STALE_TEMP.match(p.name)]
     for p in found: p.unlink(missing_ok=True)
     if found: logger.warning("removed %d temporary file(s) left by an interrupted run in %s, e.g. %s", len(found), folder, found[0].name)
     return found

@@ -54,7 +54,7 @@ def load_volume(path:str|Path, # a 3D NIfTI file (.nii or .nii.gz)
     except Exception as e: raise ValueError(f"{path}: not a readable NIfTI file ({e})") from e
     if img.ndim == 4 and img.shape[3] == 1: img = img.slicer[..., 0]
     if img.ndim != 3: raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
-    zooms = img.header.get_zooms()[:3]
+    zooms = _stored_zooms(path, img)
     if not all(np.isfinite(z) and z > 0 for z in zooms):
         raise ValueError(f"{path}: voxel size (pixdim) {tuple(float(z) for z in zooms)} mm: expected three positive values")
     try: affine = img.affine
@@ -62,6 +62,13 @@ def load_volume(path:str|Path, # a 3D NIfTI file (.nii or .nii.gz)
     if affine is None or not np.isfinite(affine).all():
         raise ValueError(f"{path}: the header's voxel-to-world affine (sform/qform) has non-finite values")
     return reorient(nib.Nifti1Image(read_array(img, dtype, path), affine), axcodes)
+
+def _stored_zooms(path:Path, img) -> tuple:
+    "Voxel size as stored in a NIfTI header: nibabel replaces a 0 by 1 mm on loading, with a warning only."
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)): return img.header.get_zooms()[:3]
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f: head = f.read(540)
+    hdr = (nib.Nifti2Header if isinstance(img, nib.Nifti2Image) else nib.Nifti1Header).from_fileobj(io.BytesIO(head), check=False)
+    return tuple(float(z) for z in hdr["pixdim"][1:4])
 
 def read_array(img:nib.spatialimages.SpatialImage, # a nibabel image
                dtype=np.float32, # output dtype (None: as stored, scaled by the header if it says so)

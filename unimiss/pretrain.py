@@ -421,6 +421,7 @@ def _all_finite(loss:torch.Tensor) -> bool:
 def save_checkpoint(state:Mapping, # what to save (tensors and plain Python values)
                     path:str|Path) -> Path:
     "Write `state` to `path` atomically with `unimiss.data.atomic_write` (temporary sibling, fsync, `os.replace`)."
+    remove_stale_temps(Path(path).parent, recursive=False, of=Path(path).name)  # of a save that was killed
     def write(tmp):
         with open(tmp, 'wb') as f: torch.save(dict(state), f)
     return atomic_write(path, write)
