@@ -41,16 +41,19 @@ def _cmd_pretrain(work:Path, out:Path) -> list:
     return [sys.executable, '-m', 'unimiss.pretrain', '--config', str(cfg), '--output_dir', str(out)]
 
 
+N_CT, N_XRAY = 4, 12  # inputs of the preprocessing trials (`--small`: 2 and 4)
+
+
 def _inputs_preprocess(work:Path) -> Path:
-    "Phantom CT volumes (one with a label map) and radiographs under `work/src`."
+    "Phantom CT volumes and radiographs under `work/src`."
     import nibabel as nib
     from unimiss.data import phantom_ct, phantom_xray, write_image
     src = work/'src'
     if src.exists(): return src
-    for i in range(4):
+    for i in range(N_CT):
         (src/'ct').mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(phantom_ct((96, 96, 40), i), np.diag([0.8, 0.8, 1.5, 1.])), src/'ct'/f'case{i}.nii.gz')
-    for i in range(12): write_image(src/'xray'/f'x{i:02d}.png', phantom_xray(300, i))
+    for i in range(N_XRAY): write_image(src/'xray'/f'x{i:02d}.png', phantom_xray(300, i))
     return src
 
 
@@ -84,7 +87,7 @@ def _digest_pretrain(out:Path) -> dict:
             for k in sorted(x, key=str): feed(x[k], f'{key}.{k}')
         elif isinstance(x, (list, tuple)):
             for i, v in enumerate(x): feed(v, f'{key}[{i}]')
-        elif torch.is_tensor(x): h.update(key.encode()); h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif torch.is_tensor(x): h.update(key.encode()); h.update(x.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         else: h.update(f'{key}={x!r}'.encode())
     feed({k: v for k, v in ck.items() if k != 'config'})
     epochs = [{k: v for k, v in json.loads(l).items() if k not in ('seconds', 'time')}
@@ -124,7 +127,10 @@ def main(argv=None) -> dict:
     p.add_argument('--seed', type=int, default=0, help='seed of the kill moments')
     p.add_argument('--only', choices=('pretrain', 'preprocess'), help='test one command only')
     p.add_argument('--work', help='work folder (default: a temporary one)')
+    p.add_argument('--small', action='store_true', help='fewer inputs and epochs (the pytest case)')
     a = p.parse_args(argv)
+    global N_CT, N_XRAY
+    if a.small: N_CT, N_XRAY = 2, 4; PRETRAIN.update(epochs=2, save_every=1, synthetic=2)
     rng = random.Random(a.seed)
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -709,6 +709,12 @@ def case_teacher_entry_not_a_state_dict(tmp):
     with raises(ValueError, "'teacher'", 'list'): split_official(tmp/'t.pth')
 
 @case('checkpoints')
+def case_teacher_entry_not_a_state_dict_finetune(tmp):
+    from unimiss.finetune import load_pretrained
+    torch.save(dict(teacher='weights', epoch=3), tmp/'t.pth')
+    with raises(ValueError, 't.pth', "'teacher'", 'str'): load_pretrained(seg(), tmp/'t.pth')
+
+@case('checkpoints')
 def case_student_missing_from_teacher_only_checkpoint(tmp):
     from unimiss.finetune import load_pretrained
     with raises(KeyError, "'student'", 'micro.pth'): load_pretrained(seg(), micro_checkpoint(tmp), which='student')
@@ -747,3 +753,11 @@ def sweep() -> dict:
 
 if __name__ == '__main__':
     print(json.dumps(sweep()))
+
+
+def test_kill_and_rerun_preprocess(tmp_path):
+    "One `kill -9` of `unimiss-preprocess` at a random moment; the rerun is byte-identical (bench/kill_test.py: 5 of each)."
+    sys.path.insert(0, str(REPO/'bench'))
+    import kill_test
+    s = kill_test.main(['--kills', '1', '--only', 'preprocess', '--small', '--seed', '3', '--work', str(tmp_path)])['preprocess']
+    assert (s['trials'], s['identical'], s['left_behind']) == (1, 1, 0), s

@@ -131,6 +131,7 @@ def read_pretrained(src, # path or loaded dict: unimiss pretraining / official c
     if expect not in (None, 'unimiss', 'official'): raise ValueError(f"expect must be 'unimiss', 'official' or None, got {expect!r}")
     ckpt, name = read_checkpoint(src), name or (str(src) if isinstance(src, (str, Path)) else 'checkpoint dict')
     if which in ckpt and isinstance(ckpt[which], Mapping): sd = ckpt[which]
+    elif which in ckpt: raise ValueError(f"{name}: checkpoint entry {which!r} is a {type(ckpt[which]).__name__}, not a state dict")
     elif any(k in ckpt for k in ('teacher', 'student')):
         raise KeyError(f"{name}: no {which!r} network in the checkpoint (entries: {sorted(map(str, ckpt))})")
     elif isinstance(ckpt.get('state_dict'), Mapping): sd = ckpt['state_dict']  # `unimiss.pretrain.export_teacher`
