@@ -1,15 +1,17 @@
 """Kill test: `kill -9` pretraining and `unimiss-preprocess` at random moments, run the same command again until it
 finishes, and check that the result is bit-identical to an uninterrupted run with nothing left behind.
 
-    python bench/kill_test.py                       # 5 kills of each, one JSON line per trial and a summary
+    python bench/kill_test.py                       # 5 random kills + 1 at a write of each; JSON lines, a summary
     python bench/kill_test.py --kills 10 --seed 1   # more kills, other moments
     python bench/kill_test.py --only preprocess
 
 Each trial starts from an empty output folder, kills the command once at a moment drawn uniformly over the duration
 of the uninterrupted run (imports included: a kill before the first write is a valid moment too), then runs the same
-command to the end. Compared with the uninterrupted run: pretraining's final `checkpoint.pth` (student, teacher,
-optimizer, centres, epoch, iteration, random states), the epoch records of `log.jsonl` and the exported teacher;
-preprocessing's sub-volumes, label maps, list file and PNGs byte for byte. Left behind: any `.tmp` file.
+command to the end; `--at-write N` more trials kill it the moment a temporary file appears in its output folder
+(a writer caught half-way: the next run must delete what it left). Compared with the uninterrupted run:
+pretraining's final `checkpoint.pth` (student, teacher, optimizer, centres, epoch, iteration, random states), the
+epoch records of `log.jsonl` and the exported teacher; preprocessing's sub-volumes, list files and PNGs byte for
+byte. Left behind: any `.tmp` file.
 """
 from __future__ import annotations
 
@@ -65,16 +67,18 @@ def _cmd_preprocess(work:Path, out:Path) -> list:
                         f'"{py}" -m unimiss.preprocess xray "{src}/xray" "{out}/xray" --size 128 --no-progress']
 
 
-def _run(cmd, kill_after:float|None=None) -> tuple[int, float]:
-    "Run `cmd` (in its own process group); SIGKILL the group after `kill_after` seconds. Returns (status, seconds)."
+def _run(cmd, kill_after:float|None=None, at_write:Path|None=None) -> tuple[int, float]:
+    "Run `cmd` in its own process group; SIGKILL the group after `kill_after` s, or once a `.tmp` file shows in `at_write`."
     t0 = time.time()
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try: _, err = p.communicate(timeout=kill_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        return -9, time.time() - t0
-    if p.returncode: raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err.decode()[-1500:]}")
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        while p.poll() is None:
+            if kill_after is not None and (time.time() - t0 >= kill_after or (at_write and at_write.exists() and _leftovers(at_write))):
+                os.killpg(p.pid, signal.SIGKILL); p.wait()
+                return -9, time.time() - t0
+            time.sleep(0.002)
+        if p.returncode:
+            err.seek(0); raise RuntimeError(f"{cmd[:4]} failed ({p.returncode}): {err.read().decode()[-1500:]}")
     return 0, time.time() - t0
 
 
@@ -107,16 +111,18 @@ def _leftovers(out:Path) -> list:
     return sorted(str(p.relative_to(out)) for p in out.rglob('*') if '.tmp' in p.name)
 
 
-def trial(kind:str, work:Path, kill_after:float, ref:dict) -> dict:
-    out = work/f'run-{kill_after:.3f}'
+def trial(kind:str, work:Path, kill_after:float, ref:dict, at_write:bool=False) -> dict:
+    out = work/f'run-{kill_after:.3f}{"-w" if at_write else ""}'
     cmd = (_cmd_pretrain if kind == 'pretrain' else _cmd_preprocess)(work, out)
-    status, t = _run(cmd, kill_after)
+    status, t = _run(cmd, kill_after, out if at_write else None)
+    killed = status == -9
     left_after_kill = _leftovers(out) if out.exists() else []
     resumes = 0
     while status != 0 or resumes == 0:  # the same command again, to the end
         status, _ = _run(cmd); resumes += 1
     got = (_digest_pretrain if kind == 'pretrain' else _digest_preprocess)(out)
-    return dict(kind=kind, kill_after_s=round(kill_after, 3), killed=t >= kill_after - 1e-3, tmp_after_kill=left_after_kill,
+    return dict(kind=kind, at_write=at_write, kill_after_s=round(kill_after, 3), killed=killed,
+                killed_at_s=round(t, 3), tmp_after_kill=left_after_kill,
                 identical=got == ref, differing=sorted(k for k in set(ref) | set(got) if ref.get(k) != got.get(k))[:5],
                 left_behind=_leftovers(out))
 
@@ -125,6 +131,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--kills', type=int, default=5, help='kills per command (default 5)')
     p.add_argument('--seed', type=int, default=0, help='seed of the kill moments')
+    p.add_argument('--at-write', type=int, default=1, help='more kills per command, each the moment a temporary file appears')
     p.add_argument('--only', choices=('pretrain', 'preprocess'), help='test one command only')
     p.add_argument('--work', help='work folder (default: a temporary one)')
     p.add_argument('--small', action='store_true', help='fewer inputs and epochs (the pytest case)')
@@ -142,10 +149,11 @@ def main(argv=None) -> dict:
             _, duration = _run(cmd)
             ref = (_digest_pretrain if kind == 'pretrain' else _digest_preprocess)(w/'reference')
             rows = []
-            for _ in range(a.kills):
-                r = trial(kind, w, rng.uniform(0.05, 1.0) * duration, ref)
+            for i in range(a.kills + a.at_write):
+                r = trial(kind, w, (3 if i >= a.kills else rng.uniform(0.05, 1.0)) * duration, ref, at_write=i >= a.kills)
                 rows.append(r); print(json.dumps(r), flush=True)
-            summary[kind] = dict(kills=sum(r['killed'] for r in rows), trials=len(rows), reference_s=round(duration, 1),
+            summary[kind] = dict(kills=sum(r['killed'] for r in rows), at_write=sum(r['killed'] and r['at_write'] for r in rows),
+                                 trials=len(rows), reference_s=round(duration, 1),
                                  identical=sum(r['identical'] for r in rows),
                                  tmp_files_after_kill=sum(bool(r['tmp_after_kill']) for r in rows),
                                  left_behind=sum(bool(r['left_behind']) for r in rows))

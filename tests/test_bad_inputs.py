@@ -756,8 +756,8 @@ if __name__ == '__main__':
 
 
 def test_kill_and_rerun_preprocess(tmp_path):
-    "One `kill -9` of `unimiss-preprocess` at a random moment; the rerun is byte-identical (bench/kill_test.py: 5 of each)."
+    "`kill -9` of `unimiss-preprocess` half-way through writing a file; the rerun is byte-identical and removes the temporary."
     sys.path.insert(0, str(REPO/'bench'))
-    import kill_test
-    s = kill_test.main(['--kills', '1', '--only', 'preprocess', '--small', '--seed', '3', '--work', str(tmp_path)])['preprocess']
-    assert (s['trials'], s['identical'], s['left_behind']) == (1, 1, 0), s
+    import kill_test  # bench/kill_test.py: 5 random moments and 1 write of each command
+    s = kill_test.main(['--kills', '0', '--at-write', '1', '--only', 'preprocess', '--small', '--work', str(tmp_path)])['preprocess']
+    assert (s['trials'], s['at_write'], s['identical'], s['left_behind']) == (1, 1, 1, 0), s
