@@ -144,10 +144,12 @@ def test_xray_cli(tmp_path):
     ref = np.asarray(Image.fromarray(phantom_xray((220, 260), 2)).resize((512, 512)))
     got = np.asarray(Image.open(tmp_path / "out/c.png"), np.float32)
     assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.9
-    # resumable: existing outputs are kept
+    # resumable: outputs of the same parameters are kept, those of other parameters converted again
     t = (tmp_path / "out/a.png").stat().st_mtime_ns
-    assert main(["xray", str(src), str(tmp_path / "out"), "--no-progress", "--bits", "16"]) == 0
+    assert main(["xray", str(src), str(tmp_path / "out"), "--no-progress"]) == 0
     assert (tmp_path / "out/a.png").stat().st_mtime_ns == t
+    assert main(["xray", str(src), str(tmp_path / "out"), "--no-progress", "--bits", "16"]) == 0
+    assert Image.open(tmp_path / "out/a.png").mode.startswith("I;16")
     outs = prepare_xrays(src, tmp_path / "out16", size=128, bits=16, keep_aspect=True, exclude=["b.*"], progress=False)
     assert [p.name for p in outs] == ["a.png", "c.png"] and Image.open(outs[0]).mode.startswith("I;16")
 

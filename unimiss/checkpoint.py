@@ -17,7 +17,7 @@ from .mit import MiT
 
 # %% auto #0
 __all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key',
-           'infer_mit_config', 'infer_img_sizes', 'arch_name', 'read_checkpoint', 'split_official',
+           'infer_mit_config', 'infer_img_sizes', 'arch_name', 'read_checkpoint', 'check_weights', 'split_official',
            'official_to_unimiss', 'load_official', 'load_unimiss_state', 'to_official_state_dict',
            'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint', 'parity_fixture_dir',
            'rule_state_dict', 'parity_input', 'mit_config', 'model_config', 'build_from_config', 'save_pretrained',
@@ -94,6 +94,10 @@ def infer_mit_config(state_dict:Mapping, # official-layout backbone state dict
     keys = list(state_dict)
     dims = tuple(d for d in (2, 3) if f'transformer.pos_embed{d}D1' in state_dict)
     if not dims: raise ValueError("no `transformer.pos_embed2D1` / `pos_embed3D1` key: not an official MiT state dict")
+    for d in dims:
+        v = state_dict[f'transformer.pos_embed{d}D1']
+        if not torch.is_tensor(v) or v.ndim != 3:
+            raise ValueError(f"transformer.pos_embed{d}D1 has shape {tuple(getattr(v, 'shape', ()))}: expected (1, tokens, width)")
     cfg = dict(spatial_dims=dims, depths=_depths(keys, r'transformer\.block(?P<s>\d)\.(?P<b>\d+)\.'),
                dec_depths=_depths(keys, r'Decblock(?P<s>\d)\.(?P<b>\d+)\.'))
     if not cfg['dec_depths']: cfg['decoder'] = False; del cfg['dec_depths']
@@ -125,18 +129,58 @@ def arch_name(config:dict) -> str:
     return _ARCHS.get((tuple(config['depths']), tuple(config.get('dec_depths', (1, 1, 1)))), 'custom')
 
 # %% ../nbs/01_checkpoint.ipynb #e4a8e573
-def read_checkpoint(src # path of a `torch.save`d checkpoint, or an already-loaded mapping (returned as is)
+# official checkpoints pickle their argparse `args`: the one class allowed beyond tensors and plain values
+_SAFE_GLOBALS = [argparse.Namespace]
+_WEIGHTS = ('student', 'teacher', 'state_dict', 'backbone', 'model')  # entries holding state dicts
+
+def read_checkpoint(src, # path of a `torch.save`d checkpoint, or an already-loaded mapping
+                    require:tuple|list=(), # entries that must be present (e.g. 'epoch' to resume)
+                    map_location='cpu', # where tensors are loaded
+                    verify:bool=True, # check the file's zip CRCs and that the weights are finite floats
                    ) -> Mapping:
-    "Load a checkpoint on CPU with `weights_only=True`, allowing the `argparse.Namespace` official files pickle."
-    if isinstance(src, Mapping): return src
-    path = Path(src)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        # official checkpoints pickle their argparse `args`; allow that one class and nothing else
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    "The one checkpoint reader: `torch.load(weights_only=True)`, validated; every problem a `ValueError` naming the file."
+    import zipfile
+    name = str(src) if isinstance(src, (str, os.PathLike)) else 'checkpoint dict'
+    if isinstance(src, Mapping): ckpt = src
+    elif not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"expected a checkpoint path or a mapping, got a {type(src).__name__}")
+    else:
+        path = Path(src)
+        if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+        if verify and zipfile.is_zipfile(path):
+            # torch.load does not check the CRCs its own writer stores: a flipped bit would load as a wrong weight
+            try: bad = zipfile.ZipFile(path).testzip()
+            except Exception as e: bad = f"({type(e).__name__}: {e})"
+            if bad: raise ValueError(f"checkpoint {path} is corrupted: CRC check failed for {bad}")
+        try:
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"could not read checkpoint {path} (truncated, corrupted or not a checkpoint): {e}") from e
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{name}: not a checkpoint: expected a mapping of entries, got a {type(ckpt).__name__}")
+    missing = [k for k in require if k not in ckpt]
+    if missing: raise ValueError(f"{name}: checkpoint lacks the entr{'ies' if len(missing) > 1 else 'y'} {missing} "
+                                 f"(it has {sorted(map(str, ckpt))})")
+    if verify:
+        for k in _WEIGHTS:
+            if isinstance(ckpt.get(k), Mapping): check_weights(ckpt[k], f"{name} [{k!r}]")
+        if ckpt and all(torch.is_tensor(v) for v in ckpt.values()): check_weights(ckpt, name)  # a bare state dict
+    return ckpt
+
+def check_weights(state_dict:Mapping, # parameter name -> tensor (nested mappings are checked too)
+                  name:str='state dict', # what to call it in the message
+                 ) -> Mapping:
+    "`state_dict` unchanged if its weights are finite floating-point tensors, else a `ValueError` listing the bad ones."
+    nonfloat, nonfinite = [], []
+    for k, v in state_dict.items():
+        if isinstance(v, Mapping): check_weights(v, f"{name} [{k!r}]"); continue
+        if not torch.is_tensor(v) or str(k).endswith('num_batches_tracked'): continue  # an integer counter
+        if not v.is_floating_point(): nonfloat.append(f"{k} ({v.dtype})")
+        elif not bool(torch.isfinite(v).all()): nonfinite.append(f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})")
+    if nonfloat: raise ValueError(f"{name}: {len(nonfloat)} weight(s) are not floating point: {nonfloat[:5]}")
+    if nonfinite: raise ValueError(f"{name}: {len(nonfinite)} weight(s) hold NaN/inf values: {nonfinite[:5]}")
+    return state_dict
 
 def split_official(src, # path, loaded checkpoint, `student`/`teacher` dict or bare backbone state dict
                    which:str='teacher' # which network of a full checkpoint: 'teacher' or 'student'
@@ -145,6 +189,7 @@ def split_official(src, # path, loaded checkpoint, `student`/`teacher` dict or b
     ckpt = read_checkpoint(src)
     if which not in ('teacher', 'student'): raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     if which in ckpt and isinstance(ckpt[which], Mapping): sd = ckpt[which]
+    elif which in ckpt: raise ValueError(f"checkpoint entry {which!r} is a {type(ckpt[which]).__name__}, not a state dict")
     elif any(k in ckpt for k in ('teacher', 'student')):
         raise KeyError(f"checkpoint has no {which!r} entry (entries: {sorted(ckpt)})")
     else: sd = ckpt

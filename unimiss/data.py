@@ -12,6 +12,8 @@ import gzip
 import hashlib
 import logging
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,10 @@ from torch.utils.data import Dataset, get_worker_info
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'IMAGE_SUFFIXES', 'XRAY_VIEWS', 'CT_VIEWS', 'phantom_ct', 'phantom_xray', 'atomic_write', 'write_nifti',
-           'write_image', 'write_dicom', 'read_list_file', 'write_list_file', 'make_phantom_corpus', 'BadImageError',
-           'read_image', 'open_volume', 'hu_to_intensity', 'read_volume', 'cache_path', 'cache_volume', 'list_images',
+__all__ = ['logger', 'IMAGE_SUFFIXES', 'XRAY_VIEWS', 'CT_VIEWS', 'phantom_ct', 'phantom_xray', 'atomic_write',
+           'remove_stale_temps', 'file_fingerprint', 'same_file', 'cli_entry', 'write_nifti', 'write_image',
+           'write_dicom', 'read_list_file', 'write_list_file', 'make_phantom_corpus', 'BadImageError', 'read_image',
+           'open_volume', 'hu_to_intensity', 'read_volume', 'cache_path', 'cache_volume', 'list_images',
            'blur_channels', 'XrayView', 'random_resized_crop_box', 'augment_xray', 'CTView', 'augment_ct_intensity',
            'ct_crop_box', 'augment_ct', 'MultiViewDataset', 'Dataset2D', 'Dataset3D', 'plot_views', 'slice_viewer']
 
@@ -134,7 +137,8 @@ def atomic_write(path:str|Path, # destination file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix  # writers pick the format by it
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    # `.NAME.tmp-XXXXXXXX.SUFFIX`: writers pick the format by the suffix, `remove_stale_temps` finds the name
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -153,6 +157,59 @@ def _umask() -> int:
     mask = os.umask(0o022); os.umask(mask)
     return mask
 
+_STALE_TEMP = re.compile(r"^\..+\.tmp(-[a-z0-9_]{8}.*)?$")  # ours, and the `.NAME.tmp` of older writers
+
+def remove_stale_temps(folder:str|Path, # output folder of a run
+                       recursive:bool=True, # also its sub-folders
+                       of:str|None=None, # only the temporaries of this destination file name
+                      ) -> list[Path]:
+    "Delete the temporaries that killed `atomic_write`s left in `folder`; call where no other writer is running. Returns them."
+    folder = Path(folder)
+    if not folder.is_dir(): return []
+    pattern = ".*" if of is None else f".{of}.tmp*"
+    found = [p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file() and _STALE_TEMP.match(p.name)]
+    for p in found: p.unlink(missing_ok=True)
+    if found: logger.warning("removed %d temporary file(s) left by an interrupted run in %s, e.g. %s", len(found), folder, found[0].name)
+    return found
+
+def file_fingerprint(path:str|Path) -> dict:
+    "Size, times, inode and SHA-256 of a file: what `same_file` compares to tell whether it changed."
+    path = Path(path)
+    st, h = path.stat(), hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino, sha256=h.hexdigest())
+
+def same_file(fingerprint:dict|None, # what `file_fingerprint` returned earlier
+              path:str|Path) -> bool:
+    "Whether `path` still has the content of `fingerprint`; hashes again only when its inode or ctime changed."
+    if not isinstance(fingerprint, dict) or "sha256" not in fingerprint: return False
+    st = Path(path).stat()
+    if (st.st_size, st.st_mtime_ns) != (fingerprint.get("size"), fingerprint.get("mtime_ns")): return False
+    # a write or a replacement updates the ctime, which (unlike the mtime) cannot be set back
+    if (st.st_ctime_ns, st.st_ino) == (fingerprint.get("ctime_ns"), fingerprint.get("inode")): return True
+    return file_fingerprint(path)["sha256"] == fingerprint["sha256"]
+
+def cli_entry(prog:str # the command's name, first word of its error lines
+             ):
+    "Decorator of a console script's `main(argv)`: an expected error becomes one line on stderr and exit status 2; `--debug` shows the traceback."
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(argv:Sequence[str]|None=None):
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = "--debug" in argv
+            try: rc = main([a for a in argv if a != "--debug"])
+            except (ValueError, KeyError, OSError, RuntimeError, ImportError, FloatingPointError) as e:
+                if debug: raise
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() is a repr
+                print(f"{prog}: error: {' '.join(str(msg).split())} (--debug shows the traceback)", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr); return 130
+            return rc if isinstance(rc, int) else 0  # a main that returns its results still succeeded
+        return wrapper
+    return decorate
+
 def write_nifti(path:str|Path, # destination, `.nii` or `.nii.gz`
                 volume:np.ndarray, # (x, y, z) array, e.g. from `phantom_ct`; stored with its dtype
                 spacing:tuple=(1.0, 1.0, 3.0), # voxel size in mm, the official 1×1×3 mm by default
@@ -168,6 +225,7 @@ def write_nifti(path:str|Path, # destination, `.nii` or `.nii.gz`
 def write_image(path:str|Path, # destination; the suffix picks the format (.png, .jpg, ...)
                 image:np.ndarray, # (H, W) float image in [0, 1]
                 bits:int=8, # 8 or 16 (16 only for PNG)
+                info:dict|None=None, # PNG only: text chunks to store (e.g. how the file was made)
                ) -> Path:
     "Write a [0, 1] grayscale image as an 8- or 16-bit PNG/JPEG."
     if bits not in (8, 16):
@@ -181,7 +239,15 @@ def write_image(path:str|Path, # destination; the suffix picks the format (.png,
     if fmt is None:
         raise ValueError(f"write_image: {path}: unknown image suffix")
     options = dict(quality=95) if fmt == "JPEG" else {}
+    if info and fmt == "PNG": options["pnginfo"] = _png_text(info)
     return atomic_write(path, lambda tmp: Image.fromarray(ints).save(tmp, format=fmt, **options))
+
+def _png_text(info:dict):
+    "Pillow `PngInfo` holding `info`'s items as text chunks."
+    from PIL.PngImagePlugin import PngInfo
+    out = PngInfo()
+    for k, v in info.items(): out.add_text(k, v)
+    return out
 
 def write_dicom(path:str|Path, # destination .dcm file
                 image:np.ndarray, # (H, W) float image in [0, 1], displayed bone-bright
@@ -223,8 +289,18 @@ def read_list_file(path:str|Path, # text file, one image path per line
     if not path.is_file():
         raise FileNotFoundError(f"list file {path} does not exist")
     root = path.parent if root is None else Path(root)
-    lines = (line.split() for line in path.read_text().splitlines())
-    return [root / fields[0] for fields in lines if fields and not fields[0].startswith("#")]
+    try: text = path.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not part of the first path
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"list file {path}, line {line}: not UTF-8 text (byte {e.start}); expected one image path per line") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):  # also splits CRLF and CR line ends
+        line = line.strip()
+        if not line or line.startswith("#"): continue
+        if "\x00" in line or not line.isprintable():
+            raise ValueError(f"list file {path}, line {i}: control characters in {line[:60]!r}; expected an image path")
+        out.append(root / line.replace("\\", "/"))  # whole line: paths may hold spaces; Windows separators
+    return out
 
 def write_list_file(path:str|Path, # the list file to write
                     files:Sequence[str|Path], # image paths
@@ -326,8 +402,8 @@ def read_image(path:str|Path, # PNG/JPEG (8- or 16-bit) or DICOM radiograph
         raise BadImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
     if arr.ndim != 2:
         raise BadImageError(path, f"expected a 2-D grayscale image, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return _check_values(arr, path).astype(np.float32) / 255
+    if arr.dtype in (np.uint8, np.uint16):  # integer files: the full range of their type is [0, 1], no stretching
+        return _check_values(arr, path).astype(np.float32) / np.iinfo(arr.dtype).max
     arr = _check_values(arr.astype(np.float32, copy=False), path)
     lo, hi = arr.min(), arr.max()
     return arr if (lo, hi) == (0, 1) else (arr - lo) / (hi - lo)
@@ -388,17 +464,27 @@ def read_volume(path:str|Path, # NIfTI sub-volume
                ) -> np.ndarray:
     "Read a whole CT sub-volume as a float32 (D, H, W) array of network intensities (HU / 1024 by default)."
     raw, slope, inter = open_volume(path)
-    hu = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
-    return hu_to_intensity(hu, hu_window, hu_scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        hu = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    return hu_to_intensity(_check_float32(hu, path), hu_window, hu_scale)
+
+def _check_float32(hu:np.ndarray, path) -> np.ndarray:
+    "`hu` unchanged if finite; else `BadImageError`: values (or scl_slope/scl_inter) that overflow float32."
+    bad = int(hu.size - np.count_nonzero(np.isfinite(hu)))
+    if bad:
+        raise BadImageError(path, f"{bad} value(s) are not finite in float32 after applying scl_slope/scl_inter "
+                                  "(stored values or scaling too large)")
+    return hu
 
 # %% ../nbs/02_data.ipynb #e4774922
 def cache_path(path:str|Path, # source NIfTI file
                cache_dir:str|Path, # folder holding the cache
               ) -> Path:
-    "Where the uncompressed cache entry of `path` lives (depends on its absolute path, size and mtime)."
+    "Where the uncompressed cache entry of `path` lives (depends on its absolute path, size, mtime, ctime and inode)."
     path = Path(path).absolute()
     st = path.stat()
-    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # the ctime changes with every write or replacement and cannot be set back, unlike the mtime
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}".encode()).hexdigest()[:16]
     stem = path.name.removesuffix(".gz").removesuffix(".nii")
     return Path(cache_dir) / f"{stem}-{key}.npy"
 
@@ -416,7 +502,8 @@ def cache_volume(path:str|Path, # source NIfTI file
     if slope == 1.0 and inter == 0.0:
         hu = raw
     else:
-        hu = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+        with np.errstate(over="ignore", invalid="ignore"):
+            hu = _check_float32(raw.astype(np.float32) * np.float32(slope) + np.float32(inter), path)
         if float(slope).is_integer() and float(inter).is_integer() and -32768 <= hu.min() and hu.max() <= 32767:
             hu = hu.astype(np.int16)
     hu = np.ascontiguousarray(hu)
@@ -768,6 +855,15 @@ class Dataset3D(MultiViewDataset):
             raise ValueError(f"pad_to {self.pad_to} must be at least img_size {self.img_size} on every axis")
         self.base_scale, self.pad_hu, self.hu_window, self.hu_scale = tuple(base_scale), pad_hu, hu_window, hu_scale
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self._small = set()  # files already warned about, see `_warn_small`
+
+    def _warn_small(self, path:Path, shape:tuple):
+        "Warn once per file that its views are mostly padding."
+        if path in self._small: return
+        self._small.add(path)
+        logger.warning("%s: volume of shape %s (D, H, W) is smaller in-plane than the views %s: its views are mostly "
+                       "or wholly padding (pad_to %s); resample it finer or leave it out", path, tuple(shape), self.img_size,
+                       self.pad_to)
 
     def open(self, path:Path) -> tuple:
         "(array (D, H, W), slope, intercept) of a sub-volume, from the cache when `cache_dir` is set."
@@ -788,10 +884,13 @@ class Dataset3D(MultiViewDataset):
             src.append(slice(lo, max(min(a + n - o, m), lo)))
         dst = tuple(slice(s.start + o - a, s.stop + o - a) for s, a, o in zip(src, starts, offset))
         src = tuple(src)
-        region = raw[src].astype(np.float32)
-        if slope != 1.0 or inter != 0.0:
-            region = region * np.float32(slope) + np.float32(inter)
-        hu[dst] = region
+        if raw.shape[1] < self.img_size[1] or raw.shape[2] < self.img_size[2]:
+            self._warn_small(path, raw.shape)
+        with np.errstate(over="ignore", invalid="ignore"):
+            region = raw[src].astype(np.float32)
+            if slope != 1.0 or inter != 0.0:
+                region = region * np.float32(slope) + np.float32(inter)
+        hu[dst] = _check_float32(region, path)
         return torch.from_numpy(hu_to_intensity(hu, self.hu_window, self.hu_scale))
 
     def load_views(self, path:Path, rng:np.random.Generator) -> list:

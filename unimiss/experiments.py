@@ -758,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--restart', action='store_true', help='re-run every step, even those already finished')
     return p
 
+from .data import cli_entry
+
+@cli_entry('unimiss-experiments')  # errors not caught below: one line too (`--debug` shows the traceback)
 def main(argv:Sequence[str]|None=None) -> int:
     "Entry point of `unimiss-experiments`; returns the exit status."
     args = build_parser().parse_args(argv)

@@ -6,7 +6,7 @@ Docs: https://unimiss.github.io/unimiss/finetune.html.md"""
 
 # %% ../nbs/05_finetune.ipynb #37a6db60
 from __future__ import annotations
-import logging, math
+import inspect, logging, math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -131,6 +131,7 @@ def read_pretrained(src, # path or loaded dict: unimiss pretraining / official c
     if expect not in (None, 'unimiss', 'official'): raise ValueError(f"expect must be 'unimiss', 'official' or None, got {expect!r}")
     ckpt, name = read_checkpoint(src), name or (str(src) if isinstance(src, (str, Path)) else 'checkpoint dict')
     if which in ckpt and isinstance(ckpt[which], Mapping): sd = ckpt[which]
+    elif which in ckpt: raise ValueError(f"{name}: checkpoint entry {which!r} is a {type(ckpt[which]).__name__}, not a state dict")
     elif any(k in ckpt for k in ('teacher', 'student')):
         raise KeyError(f"{name}: no {which!r} network in the checkpoint (entries: {sorted(map(str, ckpt))})")
     elif isinstance(ckpt.get('state_dict'), Mapping): sd = ckpt['state_dict']  # `unimiss.pretrain.export_teacher`
@@ -147,6 +148,25 @@ def read_pretrained(src, # path or loaded dict: unimiss pretraining / official c
         raise ValueError(f"{name}: expected a checkpoint in the {expect} layout, but its keys are in the {layout} layout "
                          f"(e.g. {next(iter(out))!r})")
     return official_to_unimiss(out) if layout == 'official' else out
+
+def _mit_shape(sd:Mapping, prefix:str) -> tuple:
+    "(blocks per stage, width per stage) of the `prefix` ('stages' or 'decoder_stages') of a `MiT` state dict."
+    blocks, widths = {}, {}
+    for k, v in sd.items():
+        parts = k.split('.')
+        if len(parts) > 4 and parts[0] == prefix and parts[2] == 'blocks' and parts[1].isdigit() and parts[3].isdigit():
+            blocks.setdefault(int(parts[1]), set()).add(int(parts[3]))
+            if parts[4:] == ['norm1', 'weight']: widths[int(parts[1])] = int(v.shape[0])
+    return tuple(len(blocks[s]) for s in sorted(blocks)), tuple(widths.get(s) for s in sorted(blocks))
+
+def _arch_of(sd:Mapping, recorded=None) -> str:
+    "A readable description of the MiT in a state dict: its name in `ARCHS` (or the recorded one) and its sizes."
+    (depths, widths), (dec, _) = _mit_shape(sd, 'stages'), _mit_shape(sd, 'decoder_stages')
+    default = inspect.signature(MiT).parameters['embed_dims'].default
+    names = [n for n, a in ARCHS.items() if tuple(a['depths']) == depths and (not dec or tuple(a['dec_depths']) == dec)
+             and tuple(a.get('embed_dims', default)) == widths]
+    name = recorded or (names[0] if len(names) == 1 else 'custom')
+    return f"MiT {name!r} (depths {depths}, decoder depths {dec or 'none'}, widths {widths})"
 
 def _pretrain_depth(ckpt:Mapping) -> int|None:
     "Slices of the 3D pretraining crops when the checkpoint records its `unimiss.pretrain` config."
@@ -184,6 +204,17 @@ def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
     ckpt = read_checkpoint(src)
     sd = read_pretrained(ckpt, which, expect, name=str(src) if isinstance(src, (str, Path)) else None)
     own = bb.state_dict()
+    # a checkpoint of another size must not load into this one tensor by tensor (MiT-small into MiT-tiny: 199 fit)
+    (c_depths, c_widths), (c_dec, _) = _mit_shape(sd, 'stages'), _mit_shape(sd, 'decoder_stages')
+    (m_depths, m_widths), (m_dec, _) = _mit_shape(own, 'stages'), _mit_shape(own, 'decoder_stages')
+    if c_depths != m_depths or c_widths != m_widths or (m_dec and c_dec and c_dec != m_dec):
+        cfg = ckpt.get('config') if isinstance(ckpt.get('config'), Mapping) else {}
+        what = (f"{str(src) if isinstance(src, (str, Path)) else 'the checkpoint'} holds {_arch_of(sd, cfg.get('arch'))}, "
+                f"the model is {_arch_of(own)}")
+        if strict or c_widths != m_widths:
+            raise ValueError(f"architecture mismatch: {what}; build the model with the checkpoint's arch"
+                             + (" (strict=False loads the tensors that fit)" if c_widths == m_widths else ""))
+        log.warning("architecture mismatch (strict=False, loading the tensors that fit): %s", what)
     n = len(bb.stages)
     keys = [dim_key(d) for d in bb.spatial_dims]
     depth3d = pretrain_img_size3d[0] if pretrain_img_size3d is not None else _pretrain_depth(ckpt)

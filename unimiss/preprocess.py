@@ -23,15 +23,18 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .data import IMAGE_SUFFIXES, atomic_write, read_image, write_image, write_list_file
-from .readers import DicomSeries, NIFTI_SUFFIXES, find_ct_sources, match_labels, read_volume, source_signature, volume_geometry
+from .data import (IMAGE_SUFFIXES, _png_text, atomic_write, cli_entry, file_fingerprint, read_image, remove_stale_temps, same_file,
+                   write_image, write_list_file)
+from .readers import (DicomSeries, NIFTI_SUFFIXES, find_ct_sources, match_labels, read_volume, source_files, source_signature,
+                             volume_geometry)
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'reorient', 'load_volume', 'read_array', 'resample_array', 'resample', 'tile_starts', 'center_slices',
-           'save_nifti', 'check_volume', 'preprocess_volume', 'find_files', 'case_name', 'is_excluded', 'read_patterns',
-           'preprocess_ct', 'read_radiograph', 'resize_image', 'save_mask_png', 'prepare_xrays', 'build_parser', 'main']
+           'save_nifti', 'check_volume', 'preprocess_volume', 'label_dtype', 'find_files', 'case_name', 'is_excluded',
+           'read_patterns', 'preprocess_ct', 'read_radiograph', 'resize_image', 'save_mask_png', 'prepare_xrays',
+           'build_parser', 'main']
 
 # %% ../nbs/02a_preprocess.ipynb #19998f93
 def reorient(img:nib.spatialimages.SpatialImage, # a 3D nibabel image
@@ -56,7 +59,21 @@ def load_volume(path:str|Path|DicomSeries, # a 3D NIfTI, MetaImage or NRRD file,
     except Exception as e: raise ValueError(f"{path}: not a readable NIfTI file ({e})") from e
     if img.ndim == 4 and img.shape[3] == 1: img = img.slicer[..., 0]
     if img.ndim != 3: raise ValueError(f"{path}: expected a 3D volume, got shape {img.shape}")
-    return reorient(nib.Nifti1Image(read_array(img, dtype, path), img.affine), axcodes)
+    zooms = _stored_zooms(path, img)
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise ValueError(f"{path}: voxel size (pixdim) {tuple(float(z) for z in zooms)} mm: expected three positive values")
+    try: affine = img.affine
+    except Exception as e: raise ValueError(f"{path}: unusable voxel-to-world affine in the header ({e})") from e
+    if affine is None or not np.isfinite(affine).all():
+        raise ValueError(f"{path}: the header's voxel-to-world affine (sform/qform) has non-finite values")
+    return reorient(nib.Nifti1Image(read_array(img, dtype, path), affine), axcodes)
+
+def _stored_zooms(path:Path, img) -> tuple:
+    "Voxel size as stored in a NIfTI header: nibabel replaces a 0 by 1 mm on loading, with a warning only."
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)): return img.header.get_zooms()[:3]
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f: head = f.read(540)
+    hdr = (nib.Nifti2Header if isinstance(img, nib.Nifti2Image) else nib.Nifti1Header).from_fileobj(io.BytesIO(head), check=False)
+    return tuple(float(z) for z in hdr["pixdim"][1:4])
 
 def read_array(img:nib.spatialimages.SpatialImage, # a nibabel image
                dtype=np.float32, # output dtype (None: as stored, scaled by the header if it says so)
@@ -172,7 +189,9 @@ def preprocess_volume(src:str|Path|DicomSeries, # CT volume in HU: NIfTI, MetaIm
     img = load_volume(src, axcodes)
     arr = np.asarray(img.dataobj)   # the in-memory float32 array: clipping below changes `img` too
     hu_range = check_volume(arr, src)
-    if hu_min is not None: np.maximum(arr, hu_min, out=arr)
+    if hu_min is not None:
+        np.maximum(arr, hu_min, out=arr)
+        if arr.max() <= hu_min: raise ValueError(f"{src}: every voxel is at or below hu_min={hu_min} HU: nothing but air/padding")
     src_shape, src_affine, src_zooms = volume_geometry(src)   # headers only: shape, voxel size and orientation as stored
     res = resample(img, spacing)
     lab = None
@@ -180,31 +199,57 @@ def preprocess_volume(src:str|Path|DicomSeries, # CT volume in HU: NIfTI, MetaIm
         limg = load_volume(label, axcodes, dtype=None)
         if limg.shape != img.shape or not np.allclose(limg.affine, img.affine, atol=1e-3):
             raise ValueError(f"{label}: label map grid {limg.shape} does not match the image {src} {img.shape}")
+        ldtype = label_dtype(np.asarray(limg.dataobj), label)
         lab = resample(limg, spacing, order=0)
     xy = center_slices(res.shape[:2], keep_fraction)
+    kept_shape = [s.stop - s.start for s in xy]
+    if min(kept_shape) < _MIN_SIDE:
+        raise ValueError(f"{src}: {tuple(img.shape)} voxels of {tuple(float(z) for z in img.header.get_zooms()[:3])} mm "
+                         f"resample to {tuple(res.shape)} at spacing {tuple(spacing)}, keeping {kept_shape} in-plane: "
+                         f"fewer than {_MIN_SIDE} voxels per side (check the voxel size in the header and --spacing)")
     whole = tile_depth == 0   # resampling only (e.g. for downstream tasks that need whole scans)
     tile_depth = res.shape[2] if whole else tile_depth
     starts = tile_starts(res.shape[2], tile_depth, stride)
     if res.shape[2] < tile_depth and not whole:
         logger.warning("%s: %d slices after resampling, fewer than tile_depth=%d: one thinner sub-volume", src, res.shape[2], tile_depth)
-    outputs, label_outputs = [], []
+    outputs, label_outputs, constant = [], [], []
     for k, z0 in enumerate(starts):
         sl = (*xy, slice(z0, z0 + tile_depth))
         name = f"{case}.nii.gz" if whole else f"{case}_dep{k}.nii.gz"
         tile = res.slicer[sl]
-        outputs.append(save_nifti(np.asarray(tile.dataobj), tile.affine, out_dir / name).name)
+        data = np.asarray(tile.dataobj)
+        if np.rint(data.min()) == np.rint(data.max()): constant.append(name); continue  # nothing to learn from
+        outputs.append(save_nifti(data, tile.affine, out_dir / name).name)
         if lab is not None:
             ltile = lab.slicer[sl]
-            ldtype = np.uint8 if np.asarray(ltile.dataobj).max() < 256 else np.int16
             save_nifti(np.asarray(ltile.dataobj), ltile.affine, out_dir / "labels" / name, ldtype)
             label_outputs.append(f"labels/{name}")
+    if constant:
+        logger.warning("%s: %d of %d sub-volumes are constant (e.g. all air) and were not written", src, len(constant), len(starts))
+    if not outputs: raise ValueError(f"{src}: all {len(starts)} sub-volumes are constant after cropping: nothing to write")
     return dict(case=case, source=src.folder if isinstance(src, DicomSeries) else str(src), label=None if label is None else str(label),
                 **(dict(dicom=src.record()) if isinstance(src, DicomSeries) else {}),
                 source_shape=list(src_shape), source_spacing=[float(z) for z in src_zooms],
                 source_axcodes="".join(nib.aff2axcodes(src_affine)),
                 axcodes=axcodes, spacing=[float(s) for s in spacing], shape=list(res.shape),
                 crop=[[s.start, s.stop] for s in xy], hu_range=list(hu_range), tile_starts=starts,
-                outputs=outputs, label_outputs=label_outputs)
+                outputs=outputs, label_outputs=label_outputs, constant_tiles=constant)
+
+_MIN_SIDE = 8  # smallest in-plane side (voxels) of a written sub-volume
+
+def label_dtype(arr:np.ndarray, # a label map's values
+                path:str|Path, # its file, for the message
+               ) -> type:
+    "The smallest of uint8, int16, uint16, int32 that holds the label values exactly; `ValueError` for non-integers."
+    if not np.issubdtype(arr.dtype, np.integer):
+        bad = ~np.isfinite(arr) | (arr != np.rint(arr))
+        if bad.any():
+            raise ValueError(f"{path}: label map holds {int(bad.sum())} non-integer value(s), e.g. {arr[bad].flat[0]}; "
+                             "expected integer labels")
+    lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
+    for dt in (np.uint8, np.int16, np.uint16, np.int32):
+        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max: return dt
+    raise ValueError(f"{path}: label values {lo}..{hi} do not fit a 32-bit integer")
 
 def _stem(path:Path) -> str:
     "File name without `.nii`/`.nii.gz`."
@@ -288,7 +333,8 @@ def _case_job(src, out_dir, case, label, params, record_path):
     "Process one case and write its record (the marker that the case is complete)."
     rec = preprocess_volume(src, out_dir, case=case, label=label, **params)
     size, mtime_ns = source_signature(src)
-    rec.update(params=params, source_size=size, source_mtime_ns=mtime_ns)
+    fp = [file_fingerprint(f) for f in source_files(src)]   # every file behind the case (a DICOM series: each slice)
+    rec.update(params=params, source_size=size, source_mtime_ns=mtime_ns, source_fingerprint=fp)
     atomic_write(record_path, json.dumps(rec, indent=1).encode())
     return rec
 
@@ -297,8 +343,9 @@ def _record_if_done(record_path:Path, src:Path|DicomSeries, params:dict, out_dir
     if not record_path.is_file(): return None
     try: rec = json.loads(record_path.read_text())
     except ValueError: return None
-    size, mtime_ns = source_signature(src)
-    if rec.get("params") != params or rec.get("source_size") != size or rec.get("source_mtime_ns") != mtime_ns: return None
+    fp, files = rec.get("source_fingerprint"), source_files(src)
+    if rec.get("params") != params or not isinstance(fp, list) or len(fp) != len(files): return None
+    if not all(same_file(a, f) for a, f in zip(fp, files)): return None
     if not all((out_dir / o).is_file() for o in rec["outputs"] + rec["label_outputs"]): return None
     return rec
 
@@ -330,6 +377,7 @@ def preprocess_ct(src:str|Path, # folder of CT data (NIfTI, MetaImage, NRRD, DIC
     if bad and on_error == "raise":
         raise ValueError(f"{len(bad)} DICOM series cannot be read (--on-error skip to leave them out): " + "; ".join(r["error"] for r in bad))
     for r in refused: (logger.info if r["kind"] == "modality" else logger.warning)("skipped %s", r["error"])
+    remove_stale_temps(out_dir)  # of writers killed in an earlier run
     kept = [(c, p, rel) for c, p, rel in cases if not is_excluded(c, rel, exclude)]
     if len(kept) < len(cases): logger.info("excluded %d of %d cases", len(cases) - len(kept), len(cases))
     if not kept: raise ValueError(f"{src}: no CT volumes to process (NIfTI, MetaImage, NRRD or DICOM series; found {len(cases)}, "
@@ -384,24 +432,38 @@ def resize_image(img:np.ndarray, # (H, W) float image in [0, 1], or an integer l
 
 def save_mask_png(mask:np.ndarray, # (H, W) integer label mask (uint8 or uint16)
                   path:str|Path, # destination .png
+                  info:dict|None=None, # text chunks to store
                  ) -> Path:
     "Save an integer mask as a PNG atomically, values unchanged."
     if mask.dtype not in (np.uint8, np.uint16): raise ValueError(f"{path}: masks must be uint8 or uint16, got {mask.dtype}")
-    buf = io.BytesIO(); Image.fromarray(mask).save(buf, format="PNG")
+    buf = io.BytesIO(); Image.fromarray(mask).save(buf, format="PNG", **(dict(pnginfo=_png_text(info)) if info else {}))
     return atomic_write(path, buf.getvalue())
 
 # %% ../nbs/02a_preprocess.ipynb #b6f8e723
 def _xray_job(src, dst, size, bits, keep_aspect, labels):
-    "Convert one radiograph (or mask) to a `size`² PNG."
+    "Convert one radiograph (or mask) to a `size`² PNG that records its parameters and source (see `_xray_done`)."
+    info = {_XRAY_KEY: json.dumps(dict(params=dict(size=size, bits=bits, keep_aspect=keep_aspect, labels=labels),
+                                       source=file_fingerprint(src)))}
     if labels:
         with Image.open(src) as im:
             img = np.asarray(im.convert("L") if im.mode in ("P", "1") else im)   # palette/bilevel (GIF) masks -> 0..255
         if img.ndim != 2: raise ValueError(f"{src}: expected a single-channel label mask, got shape {img.shape}")
         if img.dtype not in (np.uint8, np.uint16): img = img.astype(np.uint16)
-        save_mask_png(resize_image(img, size, keep_aspect, nearest=True), dst)
+        save_mask_png(resize_image(img, size, keep_aspect, nearest=True), dst, info)
     else:
-        write_image(dst, resize_image(read_radiograph(src), size, keep_aspect), bits)
+        write_image(dst, resize_image(read_radiograph(src), size, keep_aspect), bits, info)
     return str(dst)
+
+_XRAY_KEY = "unimiss-preprocess"  # PNG text chunk of a converted file
+
+def _xray_done(job:dict) -> bool:
+    "Whether `job['dst']` exists, was made with the job's parameters and its source is unchanged."
+    if not job["dst"].is_file(): return False
+    try:
+        with Image.open(job["dst"]) as im: rec = json.loads(im.text.get(_XRAY_KEY, "null"))
+    except Exception: return False  # unreadable or foreign output: convert again
+    want = {k: job[k] for k in ("size", "bits", "keep_aspect", "labels")}
+    return isinstance(rec, dict) and rec.get("params") == want and same_file(rec.get("source"), job["src"])
 
 def prepare_xrays(src:str|Path, # folder of radiographs (PNG/JPEG/DICOM, searched recursively) or one file
                   out_dir:str|Path, # output folder; files keep their relative paths, with a .png suffix
@@ -416,7 +478,7 @@ def prepare_xrays(src:str|Path, # folder of radiographs (PNG/JPEG/DICOM, searche
                   on_error:str="raise", # "raise" or "skip" (log, count, go on)
                   progress:bool=True, # show a progress bar
                  ) -> list[Path]:
-    "Resize radiographs to `size`² PNGs; existing outputs are kept (resumable). Return the output paths."
+    "Resize radiographs to `size`² PNGs; outputs of the same parameters and unchanged sources are kept (resumable). Return the output paths."
     if on_error not in ("raise", "skip"): raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     src, out_dir = Path(src), Path(out_dir)
     root = src if src.is_dir() else src.parent
@@ -425,8 +487,12 @@ def prepare_xrays(src:str|Path, # folder of radiographs (PNG/JPEG/DICOM, searche
     if not files: raise ValueError(f"{src}: no PNG/JPEG/DICOM images to convert")
     dsts = [out_dir / p.relative_to(root).with_suffix(".png") for p in files]
     if len(set(dsts)) < len(dsts): raise ValueError(f"{src}: two inputs map to the same output name (e.g. a.dcm and a.png)")
-    todo = [dict(src=s, dst=t, size=size, bits=bits, keep_aspect=keep_aspect, labels=labels) for s, t in zip(files, dsts) if not t.is_file()]
+    remove_stale_temps(out_dir)  # of writers killed in an earlier run
+    jobs = [dict(src=s, dst=t, size=size, bits=bits, keep_aspect=keep_aspect, labels=labels) for s, t in zip(files, dsts)]
+    todo = [j for j in jobs if not _xray_done(j)]
+    redo = sum(j["dst"].is_file() for j in todo)
     if len(todo) < len(files): logger.info("%d of %d images already converted, skipped", len(files) - len(todo), len(files))
+    if redo: logger.info("%d earlier outputs were made with other parameters or from a changed source: converted again", redo)
     _, errors = _run(_xray_job, todo, num_workers, "radiographs", on_error, progress, chunksize=16)
     if errors: logger.warning("%d of %d images failed and were skipped", len(errors), len(files))
     failed = {todo[i]["dst"] for i in errors}
@@ -476,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
-def main(argv:Sequence[str]|None=None, # arguments (default: `sys.argv[1:]`)
+@cli_entry("unimiss-preprocess")
+def main(argv:Sequence[str]|None=None, # arguments (default: `sys.argv[1:]`); `--debug`: tracebacks on errors
         ) -> int:
     "Entry point of `python -m unimiss.preprocess` / `unimiss-preprocess`."
     import sys

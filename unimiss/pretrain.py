@@ -41,6 +41,8 @@ from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
     collapse_monitors, cosine_schedule, cross_dimensional_loss, ema_update, param_groups, teacher_temp_schedule,
     volume_to_slices)
+from .checkpoint import check_weights, read_checkpoint
+from .data import atomic_write, cli_entry, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +147,20 @@ class PretrainConfig(Config):
         need(self.objective == 'unimiss' or self.cross_dimensional, "objective 'unimiss_plus' needs cross_dimensional (its DRR and slice terms)")
         mult = MiTPlus.size_multiple if self.arch in MITPLUS_ARCHS else (lambda d: size_multiple(d, self.arch))
         (m2, _), m3 = mult(2), mult(3)
-        need(self.img_size_2d % m2 == 0 and self.img_size_2d > 0,
-             f"img_size_2d must be a positive multiple of {m2} (the total stride of {self.arch}), got {self.img_size_2d}")
+        need(self.img_size_2d % m2 == 0 and self.img_size_2d >= 2 * m2,
+             f"img_size_2d must be a multiple of {m2} (the total stride of {self.arch}) and at least {2 * m2} "
+             f"(the last stage needs 2 x 2 tokens), got {self.img_size_2d}")
         need(all(s % m == 0 and s > 0 for s, m in zip(self.img_size_3d, m3)),
              f"img_size_3d (D, H, W) must be positive multiples of {m3} (the total stride of {self.arch}), "
              f"got {self.img_size_3d}")
+        d, h, w = self.img_size_3d
+        # instance norm needs more than one token in the last stage ...
+        need(min(d, h, w) <= 0 or math.prod(s // m for s, m in zip(self.img_size_3d, m3)) > 1,
+             f"img_size_3d {self.img_size_3d} leaves a single token in the last stage: make D, H or W twice as large")
+        # ... and so do the 2D slices of the cross-dimensional terms
+        need(not (self.use_3d and self.cross_dimensional) or min(h, w) <= 0 or (h // m2) * (w // m2) > 1,
+             f"img_size_3d {self.img_size_3d}: its H x W slices (cross_dimensional) leave a single token in the last "
+             f"stage: make H or W at least {2 * m2}")
         return p
 
     @property
@@ -325,6 +336,10 @@ class SelfDistillation:
             raise FloatingPointError(f"non-finite loss {float(loss.detach())} ({d}D step, terms "
                                      f"{ {k: float(v.detach()) for k, v in terms.items()} }); stopping")
         grad_norm = self.backward(loss, d, train_last_layer)
+        # a NaN/inf gradient with a finite loss would write NaN weights (the fp16 GradScaler skips such steps itself)
+        if self.scaler is None and not _all_finite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient (norm {float(grad_norm)}) with a finite loss {float(loss.detach())} "
+                                     f"({d}D step); the weights were not updated; stopping")
         self.update(momentum)
         stats = collapse_monitors(t_out[0], self.loss_for(d).center, teacher_temp)
         self.loss_for(d).update_center(torch.cat(t_out))
@@ -354,7 +369,7 @@ def _norm(params) -> torch.Tensor:
         if params else torch.zeros(())
 
 def _all_finite(loss:torch.Tensor) -> bool:
-    "Whether the loss is finite on every process (so that all stop together)."
+    "Whether the loss (or gradient norm) is finite on every process (so that all stop together)."
     ok = torch.isfinite(loss.detach()).float().reshape(1)
     if dist.is_available() and dist.is_initialized(): dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
@@ -362,36 +377,21 @@ def _all_finite(loss:torch.Tensor) -> bool:
 # %% ../nbs/04_pretrain.ipynb #43eab023
 def save_checkpoint(state:Mapping, # what to save (tensors and plain Python values)
                     path:str|Path) -> Path:
-    "Write `state` to `path` atomically: temporary file in the same folder, fsync, `os.replace`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(dict(state), f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    "Write `state` to `path` atomically with `unimiss.data.atomic_write` (temporary sibling, fsync, `os.replace`)."
+    remove_stale_temps(Path(path).parent, recursive=False, of=Path(path).name)  # of a save that was killed
+    def write(tmp):
+        with open(tmp, 'wb') as f: torch.save(dict(state), f)
+    return atomic_write(path, write)
 
 def copy_checkpoint(src:str|Path, dst:str|Path) -> Path:
     "Atomic copy of a checkpoint file."
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return dst
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
-def load_checkpoint(path:str|Path, map_location='cpu') -> dict:
-    "Load a checkpoint written by `save_checkpoint` (weights only, no arbitrary pickles)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e: raise ValueError(f"could not read checkpoint {path}: {e}") from e
+def load_checkpoint(path:str|Path, map_location='cpu',
+                    require:tuple|list=('epoch',), # entries it must have
+                   ) -> dict:
+    "Load a checkpoint with `unimiss.checkpoint.read_checkpoint` (weights only, CRCs and finite weights checked)."
+    return read_checkpoint(path, require=require, map_location=map_location)
 
 def rng_state() -> dict:
     "Random states of python, numpy and torch (CPU and CUDA), as tensors and plain values."
@@ -438,10 +438,8 @@ class RunLogger:
         if not enabled: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_epoch is not None and self.path.exists():
-            keep = [l for l in self.path.read_text().splitlines()
-                    if l.strip() and json.loads(l).get('epoch', 0) < resume_epoch]
-            tmp = self.path.with_name('.log.jsonl.tmp')
-            tmp.write_text(''.join(l + '\n' for l in keep)); os.replace(tmp, self.path)
+            keep = [r for r in read_log(self.path) if r.get('epoch', 0) < resume_epoch]
+            atomic_write(self.path, ''.join(json.dumps(r) + '\n' for r in keep))
         elif resume_epoch is None and self.path.exists(): self.path.unlink()
         if tensorboard:
             try: from torch.utils.tensorboard import SummaryWriter
@@ -466,7 +464,14 @@ def read_log(path:str|Path) -> list[dict]:
     path = Path(path)
     if path.is_dir(): path = path/'log.jsonl'
     if not path.is_file(): raise FileNotFoundError(f"no log at {path}")
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines, out = path.read_text(errors='replace').splitlines(), []
+    for i, l in enumerate(lines):
+        if not l.strip(): continue
+        try: out.append(json.loads(l))
+        except ValueError:
+            if i < len(lines) - 1: raise ValueError(f"{path}, line {i + 1}: not a JSON record: {l[:80]!r}") from None
+            logger.warning("%s: ignored a partial last line (a run killed while writing it)", path)
+    return out
 
 def plot_log(path:str|Path, # run folder or its log.jsonl
              figsize=(13, 3.6)):
@@ -523,6 +528,21 @@ def build_backbone(cfg:PretrainConfig) -> nn.Module:
     return ARCHS[cfg.arch](spatial_dims=cfg.spatial_dims, img_size2d=cfg.img_size_2d, img_size3d=cfg.img_size_3d,
                            drop_path_rate=cfg.drop_path_rate)
 
+_RESUME_KEYS = ('epoch', 'iteration', 'student', 'teacher', 'optimizer', 'loss', 'rng', 'config')
+
+def _resume_state(out:Path, device) -> tuple[dict, Path]:
+    "`(checkpoint, its path)`: `checkpoint.pth`, or with a WARNING the newest readable `checkpointNNNN.pth` if it is unreadable."
+    latest = out/'checkpoint.pth'
+    try: return read_checkpoint(latest, require=_RESUME_KEYS, map_location=device), latest
+    except ValueError as e: error = e
+    for p in sorted(out.glob('checkpoint[0-9][0-9][0-9][0-9].pth'), reverse=True):
+        try: state = read_checkpoint(p, require=_RESUME_KEYS, map_location=device)
+        except ValueError: continue
+        logger.warning("%s is unusable (%s); resuming from %s, the newest usable periodic checkpoint", latest, error, p)
+        return state, p
+    raise ValueError(f"cannot resume: {error}; and no usable checkpointNNNN.pth in {out}. Move {latest.name} away "
+                     "to start again")
+
 def _check_resume(saved:Mapping, cfg:PretrainConfig, path:Path):
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}  # keys added since the checkpoint
     if 'arch' in saved:  # checkpoints of earlier versions name the size 'mit_tiny', ...
@@ -568,19 +588,24 @@ def _pretrain(cfg, datasets, rank, world, device):
 
     sd = (PlusSelfDistillation if plus else SelfDistillation)(build_backbone(cfg), cfg, device, distributed=world > 1)
     start, it = 0, 0
+    if main: remove_stale_temps(out, recursive=False)  # of a run killed while writing
     if cfg.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=device)
-        _check_resume(state['config'], cfg, ckpt_path)
+        state, used = _resume_state(out, device)
+        _check_resume(state['config'], cfg, used)
+        saved_world = int(state.get('world_size', len(state.get('rng', [])) or 1))
+        if saved_world != world:
+            raise ValueError(f"cannot resume {used}: it was written by a {saved_world}-process run and this run has {world}; "
+                             "the learning rate (scaled by the global batch), the iterations per epoch and the per-process "
+                             f"random states depend on it. Resume with {saved_world} process(es), or use another output_dir")
         sd.load_state_dict(state)
         start, it = state['epoch'], state['iteration']
-        if len(state.get('rng', [])) == world: set_rng_state(state['rng'][rank])
-        logger.info("resumed %s at epoch %d, iteration %d", ckpt_path, start, it)
+        set_rng_state(state['rng'][rank])
+        logger.info("resumed %s at epoch %d, iteration %d", used, start, it)
     stop = cfg.epochs if not cfg.epochs_per_run else min(cfg.epochs, start + cfg.epochs_per_run)
     run_log = RunLogger(out, main, cfg.tensorboard, resume_epoch=start if start else None)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out/'.config.yaml.tmp'; tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        os.replace(tmp, out/'config.yaml')
+        atomic_write(out/'config.yaml', yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     summary = None
     try:
         for epoch in range(start, stop):
@@ -613,6 +638,11 @@ def _pretrain(cfg, datasets, rank, world, device):
                                                      if isinstance(v, float)})
             rngs = _gather_rng_states(world)
             if main:
+                for name in ('student', 'teacher'):  # never replace the last good checkpoint with broken weights
+                    try: check_weights(getattr(sd, name).state_dict(), f"the {name} after epoch {epoch}")
+                    except ValueError as e:
+                        raise FloatingPointError(f"{e}; not saved. Last good checkpoint: "
+                                                 f"{ckpt_path if ckpt_path.exists() else 'none yet'}") from None
                 save_checkpoint(dict(sd.state_dict(), epoch=epoch + 1, iteration=it, rng=rngs, config=cfg.to_dict(),
                                      world_size=world, unimiss_version=unimiss.__version__), ckpt_path)
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
@@ -630,11 +660,13 @@ def parse_args(argv:Sequence[str]|None=None) -> PretrainConfig:
     "The config of a command line: `--config FILE`, then `--key value` / `key=value` overrides; `--help` lists every key."
     return PretrainConfig.from_args(argv, prog='unimiss-pretrain', description='UniMiSS self-supervised pretraining.')
 
-def main(argv:Sequence[str]|None=None) -> dict:
-    "Command-line entry: parse the config, set up logging, run `pretrain`."
+@cli_entry('unimiss-pretrain')
+def main(argv:Sequence[str]|None=None) -> int:
+    "Command-line entry: parse the config, set up logging, run `pretrain`; 0 on success (`--debug`: tracebacks on errors)."
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    return pretrain(cfg)
+    pretrain(cfg)
+    return 0
 
 # %% ../nbs/04_pretrain.ipynb #76d0d9b4
-if __name__ == '__main__' and '__file__' in globals(): main()
+if __name__ == '__main__' and '__file__' in globals(): raise SystemExit(main())

