@@ -118,6 +118,10 @@ class PretrainConfig(Config):
     log_every:int = 10 # write a log record every this many iterations (and at each epoch's end)
     tensorboard:bool = False # also log to TensorBoard (needs `pip install tensorboard`)
     progress:bool = True # tqdm progress bars
+    # online probe (unimiss.evaluate.OnlineProbe)
+    probe_every:int = 0 # k-NN-probe the teacher every this many epochs (0: never); see nbs/07_evaluate
+    probe_data:str = '' # datalist of the online probe (relative to `data_dir` unless absolute)
+    probe_task:str = 'cls2d' # 'cls2d' (at img_size_2d) or 'patch3d' / 'cls3d' (at img_size_3d)
 
     def _check(self) -> list[str]:
         p = []
@@ -140,6 +144,9 @@ class PretrainConfig(Config):
         need(0 <= self.momentum_teacher <= 1, f"momentum_teacher must be in [0, 1], got {self.momentum_teacher}")
         need(0 <= self.center_momentum < 1, f"center_momentum must be in [0, 1), got {self.center_momentum}")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        need(self.probe_every >= 0 and (not self.probe_every or self.probe_data),
+             f"probe_every={self.probe_every} needs probe_every >= 0 and, when > 0, a probe_data datalist")
+        need(self.probe_task in ('cls2d', 'cls3d', 'patch3d'), f"probe_task must be cls2d, cls3d or patch3d, got {self.probe_task!r}")
         need(self.use_2d or self.use_3d, "use_2d and use_3d are both false: nothing to train on")
         need(self.objective in ('unimiss', 'unimiss_plus'), f"objective must be 'unimiss' or 'unimiss_plus', got {self.objective!r}")
         need((self.objective == 'unimiss_plus') == (self.arch in MITPLUS_ARCHS),
@@ -489,6 +496,11 @@ def plot_log(path:str|Path, # run folder or its log.jsonl
     if recs and 'out_dim' in recs[0]:
         axs[1].axhline(math.log(recs[0]['out_dim']), color='gray', ls=':', label='log K')
     axs[1].set(title='collapse monitors (nats)', xlabel='iteration'); axs[1].legend(fontsize=8)
+    probes = [r for r in read_log(path) if r.get('type') == 'probe']
+    if probes:  # the online probe, next to the monitors: a collapse shows in both
+        axp = axs[1].twinx()
+        axp.plot([r['iteration'] for r in probes], [r['knn_acc'] for r in probes], 'o-', color='C3', label='online k-NN acc')
+        axp.set_ylabel('k-NN accuracy'); axp.legend(loc='lower right', fontsize=8)
     it = [r['iteration'] for r in recs]
     axs[2].plot(it, [r['lr'] for r in recs], label='lr'); axs[2].set(title='schedules', xlabel='iteration')
     ax2 = axs[2].twinx(); ax2.plot(it, [r['momentum'] for r in recs], color='C1', label='teacher momentum')
@@ -521,7 +533,8 @@ def _barrier():
 
 # %% ../nbs/04_pretrain.ipynb #39c07efe
 _RUNTIME_KEYS = {'data_dir', 'list_2d', 'list_3d', 'on_error', 'cache_dir', 'num_workers', 'device', 'output_dir', 'save_every',
-                 'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress'}
+                 'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress',
+                 'probe_every', 'probe_data', 'probe_task'}
 
 def build_backbone(cfg:PretrainConfig) -> nn.Module:
     "The student backbone of `cfg` (MiT with the dimensionalities the run needs)."
@@ -553,6 +566,12 @@ def _check_resume(saved:Mapping, cfg:PretrainConfig, path:Path):
         raise ValueError(f"cannot resume {path}: the config differs in " +
                          ', '.join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items()) +
                          "; restore these values or choose another output_dir")
+
+def _online_probe(cfg:PretrainConfig):
+    "The run's `OnlineProbe`, with its data at the pretraining input size."
+    from unimiss.evaluate import OnlineProbe
+    path = Path(cfg.probe_data) if Path(cfg.probe_data).is_absolute() else Path(cfg.data_dir)/cfg.probe_data
+    return OnlineProbe(path, cfg.probe_task, cfg.img_size_2d if cfg.probe_task == 'cls2d' else cfg.img_size_3d)
 
 def pretrain(config:PretrainConfig|Mapping|str|Path, # config, dict or YAML file
              datasets:Mapping|None=None, # {2: X-ray views, 3: CT views}; default: from the config
@@ -607,6 +626,7 @@ def _pretrain(cfg, datasets, rank, world, device):
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out/'config.yaml', yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     summary = None
+    probe = _online_probe(cfg) if main and cfg.probe_every else None
     try:
         for epoch in range(start, stop):
             d, loader = plan[epoch], loaders[plan[epoch]]
@@ -634,6 +654,8 @@ def _pretrain(cfg, datasets, rank, world, device):
             summary = dict(type='epoch', epoch=epoch, iteration=it, dim=d, seconds=round(time.time() - t0, 2),
                            **{k: v / max(n, 1) for k, v in sums.items()})
             run_log.log(summary)
+            if probe is not None and (epoch + 1) % cfg.probe_every == 0:  # the teacher's frozen features, k-NN
+                run_log.log(dict(type='probe', epoch=epoch, iteration=it, **probe(sd.teacher.backbone)))
             logger.info("epoch %d (%dD): %s", epoch, d, {k: round(v, 4) for k, v in summary.items()
                                                      if isinstance(v, float)})
             rngs = _gather_rng_states(world)
