@@ -33,7 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | dict(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONPATH=str(REPO))
-PRETRAIN = dict(arch='mit_micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=32, batch_size_2d=2, batch_size_3d=1,
+PRETRAIN = dict(arch='micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=32, batch_size_2d=2, batch_size_3d=1,
                 synthetic=4, num_workers=0, progress=False, warmup_epochs=1, interval=1, lr=5e-3, epochs=4, save_every=2)
 
 

@@ -269,12 +269,12 @@ def case_cache_same_size_replacement(tmp):
 @case('datasets')
 def case_img_size_2d_32(tmp):
     from unimiss.pretrain import load_config
-    with raises(ValueError, 'img_size_2d'): load_config(arch='mit_micro', img_size_2d=32)
+    with raises(ValueError, 'img_size_2d'): load_config(arch='micro', img_size_2d=32)
 
 @case('datasets')
 def case_img_size_3d_single_token(tmp):
     from unimiss.pretrain import load_config
-    with raises(ValueError, 'img_size_3d'): load_config(arch='mit_micro', img_size_2d=64, img_size_3d=(16, 32, 32))
+    with raises(ValueError, 'img_size_3d'): load_config(arch='micro', img_size_2d=64, img_size_3d=(16, 32, 32))
 
 @case('datasets')
 def case_unknown_config_key(tmp):
@@ -492,7 +492,7 @@ def case_cli_experiments_unknown_experiment(tmp):
 
 
 # ================================================================ pretraining
-TINY = dict(arch='mit_micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=32, batch_size_2d=2, batch_size_3d=1,
+TINY = dict(arch='micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=32, batch_size_2d=2, batch_size_3d=1,
             synthetic=2, num_workers=0, progress=False, warmup_epochs=0, interval=1, lr=5e-3, save_every=1)
 
 

@@ -38,7 +38,7 @@ def test_smoke_run_logs_every_term_and_resumes_exactly(tmp_path):
 
 def test_config_checks():
     with pytest.raises(ValueError, match="do not fit"):
-        load_config(PLUS | dict(arch='mit_micro'))
+        load_config(PLUS | dict(arch='micro'))
     with pytest.raises(ValueError, match="objective must be"):
         load_config(PLUS | dict(objective='unimis'))
     with pytest.raises(ValueError, match="weight_drr must be >= 0"):

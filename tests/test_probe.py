@@ -17,7 +17,7 @@ from unimiss.evaluate import (EmptySplitError, MissingImageError, SingleClassErr
 from unimiss.pretrain import load_config, pretrain, read_log
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(arch='mit_micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, batch_size_2d=4, batch_size_3d=1,
+TINY = dict(arch='micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, batch_size_2d=4, batch_size_3d=1,
             synthetic=4, num_workers=0, progress=False, warmup_epochs=1, interval=1, lr=5e-3)
 
 
