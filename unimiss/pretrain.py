@@ -110,6 +110,7 @@ class PretrainConfig:
     log_every:int = 10 # write a log record every this many iterations (and at each epoch's end)
     tensorboard:bool = False # also log to TensorBoard (needs `pip install tensorboard`)
     progress:bool = True # tqdm progress bars
+    grad_checkpointing:bool = False # recompute the student's transformer blocks in backward (less memory, same numbers)
 
     def __post_init__(self):
         problems = []
@@ -567,12 +568,12 @@ def _barrier():
 
 # %% ../nbs/04_pretrain.ipynb #39c07efe
 _RUNTIME_KEYS = {'data_dir', 'list_2d', 'list_3d', 'on_error', 'cache_dir', 'num_workers', 'device', 'output_dir', 'save_every',
-                 'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress'}
+                 'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress', 'grad_checkpointing'}
 
 def build_backbone(cfg:PretrainConfig) -> nn.Module:
     "The student backbone of `cfg` (MiT with the dimensionalities the run needs)."
     return ARCHS[cfg.arch](spatial_dims=cfg.spatial_dims, img_size2d=cfg.img_size_2d, img_size3d=cfg.img_size_3d,
-                           drop_path_rate=cfg.drop_path_rate)
+                           drop_path_rate=cfg.drop_path_rate).set_grad_checkpointing(cfg.grad_checkpointing)
 
 def _check_resume(saved:Mapping, cfg:PretrainConfig, path:Path):
     defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}  # keys added since the checkpoint
