@@ -9,19 +9,27 @@ teacher update.
     python bench/bench_pretrain.py --json --mode compare   # both, alternating step by step in one process
     python bench/bench_pretrain.py --json --device cuda --precision bf16 [--compile] [--batch 24]
     python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
+    python bench/bench_pretrain.py --json --grad-checkpointing          # activation checkpointing in the student
+    python bench/bench_pretrain.py --json --mode memory --archs tiny small --batches 2 8
 
 `--mode official` re-enacts how the authors' `main.py` runs the same step (separate teacher and student calls for
 volumes and slices, the 65,536-wide head on all 68 rows before averaging the slices, the centre moved inside each
 of the 4 loss terms, a for-loop AdamW, an EMA over all parameters), so that both step structures are timed with
 the same backbone on the same machine. `--mode compare` alternates the two step by step, so that a busy machine
 slows both alike; its speed-up is the ratio of the medians. Peak RSS is the process's maximum resident set size:
-compare memory with one mode per process.
+compare memory with one mode per process, as `--mode memory` does: for each arch and batch it runs the official
+step, ours and ours with activation checkpointing, one fresh process each (one step), and extrapolates bytes per
+sample and the largest batch per GPU memory size from the two batches. The largest batches are extrapolated
+from CPU memory (the CUDA context and allocator slack differ): measure on the GPU with `--max-batch`. Time with
+`--mode compare`, not with these single first steps.
 """
 import argparse
 import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -67,6 +75,7 @@ class OfficialStyle:
     "The authors' step structure around the same backbone and head (for a like-for-like comparison)."
     def __init__(self, sd):
         self.student, self.teacher, self.loss = sd.student, sd.teacher, DINOLoss(sd.cfg.out_dim)
+        self.ckpt = sd.cfg.grad_checkpointing  # the official code has no checkpointing: off during its steps
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0., foreach=False, fused=False)
 
     @staticmethod
@@ -79,6 +88,11 @@ class OfficialStyle:
         return l
 
     def step(self, views, hp, times):
+        self.student.backbone.set_grad_checkpointing(False)
+        try: return self._step(views, hp, times)
+        finally: self.student.backbone.set_grad_checkpointing(self.ckpt)
+
+    def _step(self, views, hp, times):
         for i, g in enumerate(self.optimizer.param_groups):
             g['lr'] = hp['lr']
             if i == 0: g['weight_decay'] = hp['weight_decay']
@@ -120,8 +134,8 @@ def compare(sd, views, hp, a):
             sd.step(views, **hp) if name == 'unimiss' else official.step(views, hp, scratch)
             if i >= a.warmup: ts[name].append(_now() - t)
     med = {k: statistics.median(v) for k, v in ts.items()}
-    res = dict(bench='pretrain_3d_step', mode='compare', precision=a.precision, threads=a.threads, batch=a.batch,
-               out_dim=a.out_dim, steps=a.steps, s_per_step=round(med['unimiss'], 3),
+    res = dict(bench='pretrain_3d_step', mode='compare', arch=a.arch, grad_checkpointing=a.grad_checkpointing,
+               precision=a.precision, threads=a.threads, batch=a.batch, out_dim=a.out_dim, steps=a.steps, s_per_step=round(med['unimiss'], 3),
                s_per_step_official=round(med['official'], 3), speedup=round(med['official'] / med['unimiss'], 3),
                s_per_step_all={k: [round(x, 3) for x in v] for k, v in ts.items()}, torch=torch.__version__)
     print(json.dumps(res) if a.json else res)
@@ -130,7 +144,7 @@ def compare(sd, views, hp, a):
 
 def setup(a, batch):
     "A `SelfDistillation` on `a.device` and two random views of `batch` CT sub-volumes."
-    cfg = load_config(arch='tiny', out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
+    cfg = load_config(arch=a.arch, grad_checkpointing=a.grad_checkpointing, out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
                       precision=a.precision, synthetic=1, num_workers=0, progress=False)
     sd = SelfDistillation(build_backbone(cfg), cfg, a.device)
     if a.compile:
@@ -156,9 +170,46 @@ def max_batch(a, hp):
     return res
 
 
+GPU_GB = (24, 40, 80)
+
+def memory(a):
+    "Peak RSS of one step per (arch, batch, variant), each in a fresh process; bytes per sample; extrapolated batches."
+    variants = {'official': ['--mode', 'official'], 'unimiss': [], 'unimiss_ckpt': ['--grad-checkpointing']}
+    rows = []
+    for arch in a.archs:
+        for b in a.batches:
+            row = dict(arch=arch, batch=b)
+            for name, extra in variants.items():
+                cmd = [sys.executable, __file__, '--json', '--arch', arch, '--batch', str(b), '--steps', '1',
+                       '--warmup', '0', '--phase-steps', '0', '--threads', str(a.threads), '--out-dim', str(a.out_dim),
+                       *extra]
+                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                row[f'{name}_rss_gb'], row[f'{name}_first_step_s'] = r['peak_rss_gb'], r['s_per_step']  # not a timing
+            for name in ('unimiss', 'unimiss_ckpt'): row[f'{name}_vs_official'] = round(
+                row[f'{name}_rss_gb'] / row['official_rss_gb'], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    extrap = []
+    for arch in a.archs:
+        lo, hi = [r for r in rows if r['arch'] == arch and r['batch'] in (min(a.batches), max(a.batches))]
+        if lo is hi: continue
+        for name in variants:
+            per = (hi[f'{name}_rss_gb'] - lo[f'{name}_rss_gb']) / (hi['batch'] - lo['batch'])
+            fixed = lo[f'{name}_rss_gb'] - per * lo['batch']
+            extrap.append(dict(arch=arch, variant=name, gb_per_sample=round(per, 4), fixed_gb=round(fixed, 3),
+                               **{f'max_batch_{g}gb_extrapolated': int((g - fixed) // per) if per > 0 else None
+                                  for g in GPU_GB}))
+            print(json.dumps(extrap[-1]), flush=True)
+    return dict(rows=rows, extrapolated=extrap)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--mode', choices=['unimiss', 'official', 'compare'], default='unimiss')
+    p.add_argument('--mode', choices=['unimiss', 'official', 'compare', 'memory'], default='unimiss')
+    p.add_argument('--arch', default='tiny', choices=['tiny', 'small', 'micro'])
+    p.add_argument('--grad-checkpointing', action='store_true', help='activation checkpointing in the student')
+    p.add_argument('--archs', nargs='+', default=['tiny', 'small'], help='--mode memory: archs to measure')
+    p.add_argument('--batches', nargs='+', type=int, default=[2, 8], help='--mode memory: batches to measure')
     p.add_argument('--precision', choices=['32', 'bf16', 'fp16'], default='32', help="'fp16' needs CUDA")
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU: times include a synchronize)")
     p.add_argument('--compile', action='store_true', help='torch.compile the student and teacher backbones')
@@ -176,6 +227,7 @@ def main(argv=None):
     torch.manual_seed(0)
     hp = dict(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
     if a.max_batch: return max_batch(a, hp)
+    if a.mode == 'memory': return memory(a)
     sd, views = setup(a, a.batch)
     if a.mode == 'compare': return compare(sd, views, hp, a)
     if a.device != 'cpu': torch.cuda.reset_peak_memory_stats()
@@ -190,7 +242,8 @@ def main(argv=None):
             for v in times.values(): v.clear()
     if not runner:  # the same step again, cut into phases
         for _ in range(a.phase_steps): ours_step(sd, views, hp, times)
-    res = dict(bench='pretrain_3d_step', mode=a.mode, precision=a.precision, threads=a.threads, batch=a.batch,
+    res = dict(bench='pretrain_3d_step', mode=a.mode, arch=a.arch, grad_checkpointing=a.grad_checkpointing,
+               precision=a.precision, threads=a.threads, batch=a.batch,
                out_dim=a.out_dim, steps=a.steps, s_per_step=round(statistics.median(totals), 3),
                s_per_step_min=round(min(totals), 3), steps_per_s=round(1 / statistics.median(totals), 3),
                peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),

@@ -13,12 +13,13 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # %% auto #0
 __all__ = ['CONV', 'CONV_T', 'INSTANCE_NORM', 'MIT_ARCHS', 'dim_key', 'tokens_to_map', 'map_to_tokens', 'ConvNormAct',
            'resize_pos_embed', 'SpatialReductionAttention', 'DropPath', 'Mlp', 'Block', 'stage_strides', 'EncoderStage',
-           'run_blocks', 'DecoderStage', 'EncoderOutput', 'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple',
-           'mit_tiny', 'mit_small', 'mit_micro']
+           'maybe_checkpoint', 'run_blocks', 'DecoderStage', 'EncoderOutput', 'FeatureOutput', 'MiT', 'canonical_arch',
+           'size_multiple', 'mit_tiny', 'mit_small', 'mit_micro']
 
 # %% ../nbs/00_mit.ipynb #45e283b8
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -183,10 +184,11 @@ class EncoderStage(nn.Module):
         dp = list(drop_path) or [0.] * depth
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims,
                                            sr_depthwise) for i in range(depth)])
+        self.grad_checkpointing = False  # see `MiT.set_grad_checkpointing`
 
     def tokens(self, x:torch.Tensor, cls:torch.Tensor|None, key:str):
         "Embed feature map `x` (and the previous CLS token `cls`, (B, 1, C')) into position-encoded tokens."
-        x = self.patch_embed[key](x)
+        x = maybe_checkpoint(self.patch_embed[key], x, enable=self.grad_checkpointing)
         grid = tuple(x.shape[2:])
         cls = self.cls_token.expand(x.shape[0], -1, -1) if cls is None else self.cls_proj(cls)
         t = torch.cat([cls, map_to_tokens(x)], dim=1)
@@ -195,11 +197,18 @@ class EncoderStage(nn.Module):
     def forward(self, x, cls=None, return_attn=False):
         "`x`: (B, C_in, *grid_in) → (CLS (B, 1, C), feature map (B, C, *grid_in/2), attention maps or None)."
         t, grid = self.tokens(x, cls, dim_key(x.ndim - 2))
-        t, attn = run_blocks(self.blocks, t, grid, return_attn)
+        t, attn = run_blocks(self.blocks, t, grid, return_attn, checkpoint=self.grad_checkpointing)
         return t[:, :1], tokens_to_map(t[:, 1:], grid), attn
 
+def maybe_checkpoint(fn, *args, enable:bool=False):
+    "`fn(*args)`, recomputed in the backward pass instead of keeping its activations when `enable` and gradients are on."
+    if not (enable and torch.is_grad_enabled()): return fn(*args)
+    # the RNG state is saved with the inputs, so a recomputed stochastic depth drops the same samples
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
 def run_blocks(blocks, t, grid, return_attn=False,
-               cls_only=False): # the last block computes only the CLS row
+               cls_only=False, # the last block computes only the CLS row
+               checkpoint=False): # when gradients are recorded, keep only each block's input and recompute the rest
     "Run transformer `blocks` on tokens `t`; collect each block's attention if `return_attn`."
     attn = [] if return_attn else None
     for i, blk in enumerate(blocks):
@@ -207,7 +216,7 @@ def run_blocks(blocks, t, grid, return_attn=False,
         if return_attn:
             t, a = blk(t, grid, True, last_cls)
             attn.append(a)
-        else: t = blk(t, grid, cls_only=last_cls)
+        else: t = maybe_checkpoint(blk, t, grid, False, last_cls, enable=checkpoint)
     return t, attn
 
 class DecoderStage(nn.Module):
@@ -224,6 +233,7 @@ class DecoderStage(nn.Module):
         dp = list(drop_path) or [0.] * depth
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims)
                                      for i in range(depth)])
+        self.grad_checkpointing = False  # see `MiT.set_grad_checkpointing`
 
     def forward(self, x, cls, skip, return_attn=False,
                 cls_only=False): # the last block computes only the CLS token; the feature map comes back as None
@@ -233,7 +243,7 @@ class DecoderStage(nn.Module):
         grid = tuple(x.shape[2:])
         t = torch.cat([self.cls_proj(cls), map_to_tokens(x) + map_to_tokens(skip)], dim=1)
         t = t + resize_pos_embed(self.pos_embed[key], self.pos_grids[key], grid)
-        t, attn = run_blocks(self.blocks, t, grid, return_attn, cls_only)
+        t, attn = run_blocks(self.blocks, t, grid, return_attn, cls_only, self.grad_checkpointing)
         return t[:, :1], None if cls_only else tokens_to_map(t[:, 1:], grid), attn
 
 # %% ../nbs/00_mit.ipynb #57751212
@@ -304,6 +314,13 @@ class MiT(nn.Module):
         self.apply(_init_weights)
         for p in self.parameters_of(nn.ParameterDict): nn.init.trunc_normal_(p, std=.02)
         nn.init.trunc_normal_(self.stages[0].cls_token, std=.02)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable:bool=True):
+        "Keep only the inputs of the stem, the patch embeddings and each block; recompute the rest in the backward pass."
+        self.grad_checkpointing = enable
+        for stage in [*self.stages, *self.decoder_stages]: stage.grad_checkpointing = enable
+        return self
 
     def parameters_of(self, kind):
         "Parameters held directly by submodules of type `kind` (e.g. `nn.ParameterDict`)."
@@ -335,7 +352,7 @@ class MiT(nn.Module):
     def forward_encoder(self, x:torch.Tensor, return_attn:bool=False) -> EncoderOutput:
         "Encoder only: feature maps of the stem and the 4 stages, and the stage-4 CLS token."
         self.check_input(x)
-        x = self.stem[dim_key(x.ndim - 2)](x)
+        x = maybe_checkpoint(self.stem[dim_key(x.ndim - 2)], x, enable=self.grad_checkpointing)
         maps, cls, attns = [x], None, [] if return_attn else None
         for stage in self.stages:
             cls, x, attn = stage(x, cls, return_attn)

@@ -122,6 +122,7 @@ class PretrainConfig(Config):
     probe_every:int = 0 # k-NN-probe the teacher every this many epochs (0: never); see nbs/07_evaluate
     probe_data:str = '' # datalist of the online probe (relative to `data_dir` unless absolute)
     probe_task:str = 'cls2d' # 'cls2d' (at img_size_2d) or 'patch3d' / 'cls3d' (at img_size_3d)
+    grad_checkpointing:bool = False # recompute the student's transformer blocks in backward (less memory, same numbers)
 
     def _check(self) -> list[str]:
         p = []
@@ -534,12 +535,12 @@ def _barrier():
 # %% ../nbs/04_pretrain.ipynb #39c07efe
 _RUNTIME_KEYS = {'data_dir', 'list_2d', 'list_3d', 'on_error', 'cache_dir', 'num_workers', 'device', 'output_dir', 'save_every',
                  'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress',
-                 'probe_every', 'probe_data', 'probe_task'}
+                 'probe_every', 'probe_data', 'probe_task', 'grad_checkpointing'}
 
 def build_backbone(cfg:PretrainConfig) -> nn.Module:
     "The student backbone of `cfg` (MiT with the dimensionalities the run needs)."
     return ARCHS[cfg.arch](spatial_dims=cfg.spatial_dims, img_size2d=cfg.img_size_2d, img_size3d=cfg.img_size_3d,
-                           drop_path_rate=cfg.drop_path_rate)
+                           drop_path_rate=cfg.drop_path_rate).set_grad_checkpointing(cfg.grad_checkpointing)
 
 _RESUME_KEYS = ('epoch', 'iteration', 'student', 'teacher', 'optimizer', 'loss', 'rng', 'config')
 

@@ -224,10 +224,11 @@ def clip_gradients(parameters, # parameters whose `.grad` is clipped in place
     "Clip each gradient to `max_norm` separately (DINO's rule); returns the global norm before clipping."
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads: return torch.zeros(())
-    norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+    # multi-tensor kernels: one launch per group of tensors on a GPU instead of one per parameter
+    norms = torch.stack(torch._foreach_norm([g.detach().float() for g in grads]))
     # multiplying by exactly 1 leaves a gradient bit-identical, and no host sync is needed on a GPU
     coefs = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g, c in zip(grads, coefs): g.mul_(c.to(g.dtype))
+    torch._foreach_mul_(grads, [c.to(g.dtype) for g, c in zip(grads, coefs)])
     return torch.linalg.vector_norm(norms)
 
 def cancel_last_layer_gradients(head:DINOHead):
@@ -243,8 +244,7 @@ def ema_update(teacher:nn.Module, # the EMA network, same architecture as `stude
     pt, ps = list(teacher.parameters()), list(student.parameters())
     if len(pt) != len(ps): raise ValueError(f"teacher has {len(pt)} parameters, student {len(ps)}")
     pairs = [(t, s) for t, s in zip(pt, ps) if s.grad is not None]
-    for t, s in pairs:
-        t.lerp_(s.detach(), 1.0 - momentum)
+    if pairs: torch._foreach_lerp_([t for t, _ in pairs], [s.detach() for _, s in pairs], 1.0 - momentum)
     return len(pairs)
 
 # %% ../nbs/03_ssl.ipynb #4772d157
