@@ -28,15 +28,16 @@ from .data import atomic_write, hu_to_intensity, read_image, read_list_file, rea
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES', 'ARMS', 'PROBE_TASKS', 'DatalistError', 'MissingImageError',
-           'UnknownLabelError', 'EmptySplitError', 'SingleClassError', 'read_datalist', 'xray_input', 'volume_input',
-           'labelled_ct', 'sample_patches', 'interleaved_slabs', 'ProbeSplit', 'stratified_split', 'load_probe',
-           'probe_backbone', 'extract_features', 'knn_predict', 'linear_probe', 'summarise', 'probe', 'run_probe',
-           'format_probe', 'main', 'OnlineProbe', 'cpu_corpus', 'protocol_config', 'arm_config', 'format_table',
-           'plot_study', 'study_cpu']
+__all__ = ['logger', 'TASKS', 'DATALIST_TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES', 'ARMS', 'PROBE_TASKS', 'DatalistError',
+           'MissingImageError', 'UnknownLabelError', 'EmptySplitError', 'SingleClassError', 'read_datalist',
+           'xray_input', 'volume_input', 'labelled_ct', 'sample_patches', 'interleaved_slabs', 'ProbeSplit',
+           'stratified_split', 'load_probe', 'probe_backbone', 'extract_features', 'knn_predict', 'linear_probe',
+           'summarise', 'probe', 'run_probe', 'format_probe', 'main', 'OnlineProbe', 'cpu_corpus', 'protocol_config',
+           'arm_config', 'format_table', 'plot_study', 'study_cpu']
 
 # %% ../nbs/07_evaluate.ipynb #56aa2d96
 TASKS = ('cls2d', 'cls3d', 'patch3d')
+DATALIST_TASKS = TASKS + ('seg2d', 'seg3d')  # fine-tuning reads its datalists here too (`unimiss.tasks`)
 
 class DatalistError(ValueError):
     "A probe datalist that cannot be used; the message names the file, the entry and what was expected."
@@ -65,10 +66,12 @@ def _structures(path:Path, labels) -> dict:
     return out
 
 def read_datalist(path:str|Path, # JSON datalist: {"training": [{"image", "label"}], "test": [...], "labels": ...}
-                  task:str, # 'cls2d', 'cls3d' or 'patch3d'
+                  task:str, # 'cls2d', 'cls3d', 'patch3d' (probe) or 'seg2d', 'seg3d' (fine-tuning: `label` an image)
+                  splits:Sequence[str]=('training', 'test'), # the lists read (fine-tuning adds 'validation')
                  ) -> dict:
-    "The checked items of a probe datalist: `training`, `test` (or None), `classes` and, for patch3d, `structures`."
-    if task not in TASKS: raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    "The checked items of a datalist: each of `splits` (None if absent), `classes` and, for patch3d, `structures`."
+    if task not in DATALIST_TASKS: raise ValueError(f"task must be one of {DATALIST_TASKS}, got {task!r}")
+    seg = task in ('patch3d', 'seg2d', 'seg3d')  # the label is a label map
     path = Path(path)
     if not path.is_file(): raise MissingImageError(f"datalist {path} does not exist")
     try: dl = json.loads(path.read_text())
@@ -76,11 +79,11 @@ def read_datalist(path:str|Path, # JSON datalist: {"training": [{"image", "label
     if not isinstance(dl, Mapping) or 'training' not in dl:
         raise DatalistError(f"{path}: expected a JSON object with a 'training' list of {{'image': ..., 'label': ...}}")
     structures = _structures(path, dl.get('labels')) if task == 'patch3d' else None
-    allowed = dl.get('labels') if task != 'patch3d' else None
+    allowed = dl.get('labels') if not seg else None
     if allowed is not None and not (isinstance(allowed, list) and allowed):
         raise DatalistError(f"{path}: 'labels' must be a list of the class labels, got {allowed!r}")
-    out = dict(path=path, task=task, structures=structures, test=None)
-    for key in ('training', 'test'):
+    out = dict(path=path, task=task, structures=structures, **{k: None for k in splits})
+    for key in splits:
         if key not in dl: continue
         items = dl[key]
         if not isinstance(items, list): raise DatalistError(f"{path}: '{key}' must be a list, got {type(items).__name__}")
@@ -89,9 +92,11 @@ def read_datalist(path:str|Path, # JSON datalist: {"training": [{"image", "label
         for i, it in enumerate(items):
             if not isinstance(it, Mapping) or 'image' not in it or 'label' not in it:
                 raise DatalistError(f"{path}: {key}[{i}] must be an object with 'image' and 'label', got {it!r}")
+            if seg and not isinstance(it['label'], str):
+                raise DatalistError(f"{path}: {key}[{i}] label must be the path of a label map, got {it['label']!r}")
             row = dict(image=path.parent/str(it['image']), label=it['label'])
-            if task == 'patch3d': row['label'] = path.parent/str(it['label'])
-            for what in ('image', 'label') if task == 'patch3d' else ('image',):
+            if seg: row['label'] = path.parent/it['label']
+            for what in ('image', 'label') if seg else ('image',):
                 if not row[what].is_file():
                     raise MissingImageError(f"{path}: {key}[{i}] {what} {row[what]} does not exist")
             if allowed is not None and row['label'] not in allowed:
@@ -99,8 +104,9 @@ def read_datalist(path:str|Path, # JSON datalist: {"training": [{"image", "label
             rows.append(row)
         out[key] = rows
     if task == 'patch3d': out['classes'] = list(structures)
+    elif seg: out['classes'] = None  # named by the caller (the label values are 0..K-1)
     else:
-        seen = {r['label'] for k in ('training', 'test') for r in out[k] or []}
+        seen = {r['label'] for k in splits for r in out[k] or []}
         out['classes'] = list(allowed) if allowed is not None else sorted(seen, key=str)
         if len({r['label'] for r in out['training']}) < 2:
             raise SingleClassError(f"{path}: every training item has label {out['training'][0]['label']!r}; "

@@ -36,13 +36,14 @@ from .preprocess import load_volume, resample_array
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'JSRT_STRUCTURES', 'PROTOCOLS', 'SMOKE', 'BCV_ORGANS', 'CT_ORGANS', 'DRR_STRUCTURES', 'label_fraction_subset',
-           'read_split_list', 'bcv_cases', 'ricord_cases', 'chestxr_cases', 'jsrt_cases', 'read_ct_case',
-           'read_xray_case', 'CaseDataset', 'train_transform', 'eval_transform', 'DiceBCELoss', 'make_loss',
-           'segmentation_scores', 'classification_metrics', 'FinetuneConfig', 'load_config', 'Protocol', 'register',
-           'write_demo_dataset', 'sample_ct_paths', 'merge_labels', 'slab_bounds', 'br35h_cases', 'insert_ggo',
-           'poly_lr', 'save_checkpoint', 'predict_case', 'evaluate', 'plot_history', 'plot_roc', 'plot_overlays',
-           'get_splits', 'finetune', 'train', 'make_demo_checkpoints']
+__all__ = ['log', 'JSRT_STRUCTURES', 'PROTOCOLS', 'SMOKE', 'BCV_ORGANS', 'CT_ORGANS', 'DRR_STRUCTURES', 'DATALIST_PROTOCOLS',
+           'label_fraction_subset', 'read_split_list', 'bcv_cases', 'ricord_cases', 'chestxr_cases', 'jsrt_cases',
+           'read_ct_case', 'read_xray_case', 'CaseDataset', 'train_transform', 'eval_transform', 'DiceBCELoss',
+           'make_loss', 'segmentation_scores', 'classification_metrics', 'FinetuneConfig', 'load_config', 'Protocol',
+           'register', 'write_demo_dataset', 'sample_ct_paths', 'merge_labels', 'slab_bounds', 'br35h_cases',
+           'insert_ggo', 'datalist_classes', 'protocol_of', 'poly_lr', 'save_checkpoint', 'predict_case', 'evaluate',
+           'plot_history', 'plot_roc', 'overlay_colours', 'plot_overlays', 'get_splits', 'finetune', 'train',
+           'make_demo_checkpoints']
 
 # %% ../nbs/05a_tasks.ipynb #40111193
 def _n_of(fraction:float, n:int) -> int:
@@ -198,12 +199,20 @@ def _resize2d(a:np.ndarray, size:Sequence[int], nearest:bool=False) -> np.ndarra
     else: t = torch.nn.functional.interpolate(t, size=tuple(size), mode='bilinear', align_corners=False, antialias=True)
     return t[0, 0].numpy()
 
-def read_xray_case(case:Mapping, # `image` path; `label` a class, or a list of binary mask paths
+def read_xray_case(case:Mapping, # `image` path; `label` a class, a list of binary mask paths, or a label-map path
                    size:Sequence[int], # (H, W) the image (and masks) are resized to
+                   num_classes:int|None=None, # label map: check its values are 0..num_classes-1
                   ) -> tuple:
-    "An X-ray case: ((1, H, W) float32 image in [0, 1], (K, H, W) float32 masks or the class)."
+    "An X-ray case: ((1, H, W) float32 image in [0, 1], (K, H, W) float32 masks, (1, H, W) label map, or the class)."
     name, image = case['name'], read_image(case['image'])
     out = _resize2d(image, size).clip(0, 1)[None]
+    if isinstance(case['label'], (str, Path)):  # a label map: one integer class per pixel (PNG, ...)
+        with Image.open(case['label']) as im: m = np.asarray(im)
+        if m.shape != image.shape:
+            raise ValueError(f"case {name!r}: image {case['image']} has shape {image.shape} but label map {case['label']} "
+                             f"has shape {m.shape} (expected one single-channel value per pixel)")
+        if num_classes is None: raise ValueError(f"case {name!r}: a label map needs `num_classes`")
+        return out, _resize2d(_check_label_values(m, num_classes, name), size, nearest=True)[None].astype(np.float32)
     if not isinstance(case['label'], (list, tuple)): return out, int(case['label'])
     masks = []
     for p in case['label']:
@@ -364,6 +373,7 @@ class FinetuneConfig(Config):
     smoke:bool = False # apply the protocol's smoke preset
     progress:bool = True # tqdm progress bars
     keep_last:bool = False # also keep `checkpoints/last.pt` (the last epoch); the selected `best.pt` is always kept
+    tensorboard:bool = False # also log loss and metrics per epoch to `out_dir/tensorboard` (needs `pip install tensorboard`)
     options:dict = field(default_factory=dict) # protocol-specific settings (split files, sample-task knobs)
 
     def _check(self) -> list[str]:
@@ -400,6 +410,10 @@ class FinetuneConfig(Config):
             unknown = sorted(set(self.options) - set(pr.options))
             need(not unknown, f"unknown option(s) {unknown} for protocol {self.protocol!r}; valid: {sorted(pr.options)}")
             need(not self.deep_supervision or pr.kind == 'segmentation', "deep_supervision is for segmentation protocols")
+            if not pr.classes and not unknown:  # a datalist protocol: the classes come from the options
+                need(self.options.get('datalist'), f"protocol {self.protocol!r} needs options.datalist (a JSON datalist file)")
+                try: datalist_classes(self)
+                except ValueError as e: p.append(str(e))
         return p
 
 
@@ -777,6 +791,60 @@ register(Protocol(
     options=dict(n_cases=[64, 32, 32], region_bounds=[0.55, 0.75], radius_mm=[6.0, 15.0], ggo_hu=[250.0, 450.0], split_seed=0),
     smoke_options=dict(n_cases=[12, 8, 8], radius_mm=[10.0, 20.0])))
 
+# %% ../nbs/05a_tasks.ipynb #4c3c09f2
+DATALIST_PROTOCOLS = {'seg3d': 'bcv', 'seg2d': 'jsrt', 'cls3d': 'ricord', 'cls2d': 'chestxr'} # kind -> paper protocol of its defaults
+
+def datalist_classes(cfg) -> tuple:
+    "The class names of a datalist protocol: `options.classes`, or generic names for `options.num_classes`."
+    pr, o = PROTOCOLS[cfg.protocol], cfg.options
+    names, n = [str(c) for c in o.get('classes') or []], o.get('num_classes') or 0
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"options.num_classes must be a non-negative integer, got {n!r}")
+    if names and n and len(names) != n:
+        raise ValueError(f"options.classes names {len(names)} classes {names} but options.num_classes is {n}")
+    n = n or len(names)
+    if n < 2: raise ValueError(f"protocol {cfg.protocol!r} needs options.num_classes >= 2 or options.classes (the label "
+                               "names" + (", background first" if pr.kind == 'segmentation' else "") + f"), got {n} class(es)")
+    if names: return tuple(names)
+    return ('background', *(f'class {k}' for k in range(1, n))) if pr.kind == 'segmentation' else tuple(f'class {k}' for k in range(n))
+
+def protocol_of(cfg) -> Protocol:
+    "The protocol of a config, with its classes filled in for a datalist protocol."
+    pr = PROTOCOLS[cfg.protocol]
+    return pr if pr.classes else dataclasses.replace(pr, classes=datalist_classes(cfg))
+
+def _datalist_splits(cfg) -> dict:
+    from unimiss.evaluate import UnknownLabelError, read_datalist
+    pr, task = PROTOCOLS[cfg.protocol], cfg.protocol.removeprefix('datalist_')
+    n = len(datalist_classes(cfg))
+    dl = read_datalist(cfg.options['datalist'], task, ('training', 'validation', 'test'))
+    out, seen = {}, set()
+    for key, split in (('training', 'train'), ('validation', 'val'), ('test', 'test')):
+        out[split] = []
+        for i, r in enumerate(dl[key] or []):
+            lab = r['label']
+            if pr.kind == 'classification' and not (isinstance(lab, int) and not isinstance(lab, bool) and 0 <= lab < n):
+                raise UnknownLabelError(f"{dl['path']}: {key}[{i}] has label {lab!r}; expected a class index 0..{n - 1}")
+            name = r['image'].name.removesuffix('.gz').rsplit('.', 1)[0]
+            name = name if name not in seen else f'{name}_{key}{i}'
+            seen.add(name)
+            out[split].append(dict(name=name, image=r['image'], label=lab))
+    return out
+
+def _datalist_reader(cfg):
+    pr = PROTOCOLS[cfg.protocol]
+    n = len(datalist_classes(cfg)) if pr.kind == 'segmentation' else None
+    if pr.spatial_dims == 2: return functools.partial(read_xray_case, size=cfg.img_size, num_classes=n)
+    return functools.partial(_read_ct, spacing=cfg.spacing, num_classes=n, hu_window=cfg.options['hu_window'])
+
+for _task, _paper in DATALIST_PROTOCOLS.items():
+    _pp = PROTOCOLS[_paper]
+    register(Protocol(
+        f'datalist_{_task}', _pp.kind, _pp.spatial_dims, (), splits=_datalist_splits, reader=_datalist_reader,
+        description=f"your own {_pp.spatial_dims}D {_pp.kind} data from a JSON datalist (settings of {_paper})",
+        defaults=_pp.defaults,
+        smoke=_pp.smoke, options=dict(datalist='', classes=[], num_classes=0, **({'hu_window': None} if _pp.spatial_dims == 3 else {}))))
+
 # %% ../nbs/05a_tasks.ipynb #313d6488
 def poly_lr(base:float, it:int, total:int, power:float=0.9) -> float:
     "The poly schedule of the official scripts: `base · (1 − it/total)^power`."
@@ -883,19 +951,31 @@ def plot_roc(labels:np.ndarray, probs:np.ndarray, classes:Sequence[str], path:st
     if ax.get_legend_handles_labels()[0]: ax.legend(loc='lower right', fontsize=8)
     return _save_figure(fig, Path(path))
 
-def plot_overlays(examples:Sequence[Mapping], classes:Sequence[str], path:str|Path) -> Path:
-    "Image slices with the ground truth and the prediction overlaid, one row per case."
+def overlay_colours(n:int) -> np.ndarray:
+    "RGBA colours of label values 0..n (0, the background, transparent), tab10 then tab20 for more structures."
     import matplotlib
+    base = matplotlib.colormaps['tab10' if n <= 10 else 'tab20'](np.arange(n) % (10 if n <= 10 else 20))
+    return np.vstack([[0, 0, 0, 0], *[(*c[:3], .45) for c in base]])
+
+def plot_overlays(examples:Sequence[Mapping], classes:Sequence[str], path:str|Path,
+                  multilabel:bool=False, # `classes` are the structures (no background entry); value k is classes[k-1]
+                 ) -> Path:
+    "Image slices with the ground truth and the prediction overlaid, one row per case, and a colour key of the classes."
     from matplotlib.figure import Figure
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
     n = max(len(examples), 1)
-    fig = Figure(figsize=(9, 3 * n)); axs = np.atleast_2d(fig.subplots(n, 3))
-    cmap = ListedColormap(np.vstack([[0, 0, 0, 0], *[(*c[:3], .45) for c in matplotlib.colormaps['tab10'](np.arange(10))]]))
+    names = list(classes) if multilabel else list(classes)[1:]
+    colours = overlay_colours(len(names))
+    cmap, norm = ListedColormap(colours), BoundaryNorm(np.arange(-.5, len(names) + 1), len(colours))
+    fig = Figure(figsize=(9, 3 * n), layout='constrained'); axs = np.atleast_2d(fig.subplots(n, 3))
     for row, ex in zip(axs, examples):
         lo, hi = np.percentile(ex['image'], (1, 99))
         for ax, (title, over) in zip(row, (('image', None), ('ground truth', ex['label']), ('prediction', ex['pred']))):
             ax.imshow(ex['image'], cmap='gray', vmin=lo, vmax=hi); ax.axis('off'); ax.set_title(f"{ex['name']}: {title}", fontsize=8)
-            if over is not None: ax.imshow(np.ma.masked_equal(over, 0), cmap=cmap, vmin=0, vmax=10, interpolation='nearest')
+            if over is not None: ax.imshow(np.ma.masked_equal(over, 0), cmap=cmap, norm=norm, interpolation='nearest')
+    key = [Patch(facecolor=(*c[:3], .8), label=name) for c, name in zip(colours[1:], names)]
+    fig.legend(handles=key, loc='outside lower center', ncols=min(len(key), 5), fontsize=8, frameon=False)
     return _save_figure(fig, Path(path))
 
 # %% ../nbs/05a_tasks.ipynb #9d953aa5
@@ -928,7 +1008,7 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
             ) -> dict:
     "Fine-tune and evaluate one protocol; writes the run's files to `out_dir` and returns its metrics."
     cfg = load_config(config)
-    pr, out, t0 = PROTOCOLS[cfg.protocol], Path(cfg.out_dir), time.perf_counter()
+    pr, out, t0 = protocol_of(cfg), Path(cfg.out_dir), time.perf_counter()
     atomic_write(out / 'config.yaml', lambda t: t.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
     seed_everything(cfg.seed, deterministic=True)
     device = resolve_device(cfg.device)
@@ -962,9 +1042,17 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
     _write_csv(out / 'history.csv', history)
     plot_history(history, pr.selection_metric, out / 'figures' / 'training_curves.png')
     if pr.kind == 'classification': plot_roc(extra['labels'], extra['probs'], pr.classes, out / 'figures' / 'roc.png')
-    else: plot_overlays(extra['examples'], pr.classes, out / 'figures' / 'overlays.png')
+    else: plot_overlays(extra['examples'], pr.classes, out / 'figures' / 'overlays.png', pr.multilabel)
     log.info("%s (%s): %s", cfg.protocol, cfg.init, {k: metrics[k] for k in (pr.selection_metric, 'total_seconds') if k in metrics})
     return metrics
+
+def _tensorboard(out:Path):
+    "A TensorBoard writer under `out/tensorboard`, or None (with a warning) when tensorboard is not installed."
+    try: from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard=True but the tensorboard package is not installed (pip install tensorboard): "
+                    "not logging to TensorBoard"); return None
+    return SummaryWriter(str(out / 'tensorboard'))
 
 def train(model:nn.Module, protocol:Protocol, cfg:FinetuneConfig, train_ds:CaseDataset, val_ds:CaseDataset|None,
           device:torch.device, out:Path) -> tuple[list[dict], dict]:
@@ -978,7 +1066,7 @@ def train(model:nn.Module, protocol:Protocol, cfg:FinetuneConfig, train_ds:CaseD
     scaler = torch.amp.GradScaler('cuda') if cfg.precision == 'fp16' else None
     total, it, metric = cfg.epochs * n_iter, 0, protocol.selection_metric
     history, best, since, t0 = [], dict(epoch=None, value=-math.inf), 0, time.perf_counter()
-    ckpt = out / 'checkpoints'
+    ckpt, tb = out / 'checkpoints', _tensorboard(out) if cfg.tensorboard else None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
@@ -1011,12 +1099,14 @@ def train(model:nn.Module, protocol:Protocol, cfg:FinetuneConfig, train_ds:CaseD
                 since += 1
                 stop = bool(cfg.patience) and since >= cfg.patience
         history.append(row)
+        if tb: [tb.add_scalar(k, v, epoch) for k, v in row.items() if k not in ('epoch', 'seconds')]
         save_checkpoint(ckpt / 'last.pt', model, epoch=epoch, metric={k: v for k, v in row.items() if k.startswith('val_')},
                         config=cfg.to_dict())
         log.info("epoch %d: %s", epoch, row)
         if stop:
             log.info("early stopping at epoch %d: no improvement of validation %s for %d evaluations", epoch, metric, cfg.patience)
             break
+    if tb: tb.close()
     if best['epoch'] is None:  # no (usable) validation: the last model is the selected one
         atomic_write(ckpt / 'best.pt', lambda t: t.write_bytes((ckpt / 'last.pt').read_bytes()))
     if not cfg.keep_last: (ckpt / 'last.pt').unlink(missing_ok=True)  # a study of many runs would keep GBs of them
