@@ -1,0 +1,111 @@
+"""Overfit check of the 3D segmentation fine-tuning engine on the sample CT task (`sample_ct_seg`).
+
+Trains on a few slabs of the sample chest CT and evaluates on the SAME slabs with the engine's own pieces
+(`unimiss.tasks`: the protocol's reader/labels, `train_transform` patch sampling, `make_loss` with deep
+supervision, `train`, sliding-window `evaluate`). A correct engine memorises a few cases: mean Dice >= 0.9.
+The held-out Dice (the protocol's validation slabs) is reported beside it; it is not expected to be high.
+
+    python bench/overfit_seg3d.py                      # prints the Dice, writes bench/results/overfit_seg3d_<date>.json
+    python bench/overfit_seg3d.py --iters 20 --json    # a quick look
+"""
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unimiss import tasks
+from unimiss.data import atomic_write
+from unimiss.finetune import build_model
+
+TARGET = 0.9
+
+
+def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on and evaluated on
+            arch:str='micro', img_size=(16, 64, 64), spacing=(3.0, 3.0, 2.5), # model input crop, voxel size (x, y, z) mm
+            iters:int=400, epochs:int=8, batch_size:int=2, lr:float=1e-3, seed:int=0,
+            deep_supervision:bool=True, held_out:bool=True, out_dir=None) -> dict:
+    "Train on `slabs` of the sample CT, evaluate on the same slabs (and on the validation slabs); returns the result."
+    t0 = time.perf_counter()
+    pr = tasks.PROTOCOLS['sample_ct_seg']
+    n_slabs = pr.options['n_slabs']
+    val_slabs = list(pr.options['val_slabs'])
+    if set(slabs) & set(val_slabs): raise ValueError(f"slabs {list(slabs)} overlap the validation slabs {val_slabs}")
+    tmp = tempfile.TemporaryDirectory() if out_dir is None else None
+    out = Path(out_dir or tmp.name)
+    cfg = tasks.load_config(dict(protocol='sample_ct_seg', arch=arch, img_size=tuple(img_size), spacing=tuple(spacing),
+                                 epochs=epochs, iters_per_epoch=max(1, iters // epochs), batch_size=batch_size, lr=lr,
+                                 seed=seed, deep_supervision=deep_supervision, drop_path_rate=0.0, device='cpu',
+                                 progress=False, out_dir=str(out), options=dict(n_slabs=n_slabs, val_slabs=val_slabs)))
+    tasks.seed_everything(cfg.seed, deterministic=True)
+    device = torch.device('cpu')
+    splits = tasks.get_splits(cfg)
+    train_cases = [c for c in splits['train'] if int(c['name'].removeprefix('slab').split('_')[0]) in slabs]
+    names = [c['name'] for c in train_cases]
+    if len(train_cases) != len(slabs): raise ValueError(f"slabs {list(slabs)} not all among the training slabs "
+                                                        f"{[c['name'] for c in splits['train']]}")
+    tf = tasks.train_transform(pr.kind, pr.spatial_dims, cfg.img_size, pr.flip_axes)
+    tf.set_random_state(seed=cfg.seed)
+    train_ds = tasks.CaseDataset(train_cases, None, tf, True, 1)
+    same_ds = tasks.CaseDataset(train_cases, None, None, True, 1)
+    model = build_model(pr.kind, pr.spatial_dims, pr.num_outputs, cfg.arch, cfg.img_size,
+                        deep_supervision=cfg.deep_supervision, drop_path_rate=cfg.drop_path_rate).to(device)
+    history, _ = tasks.train(model, pr, cfg, train_ds, None, device, out)
+    t_train = time.perf_counter() - t0
+    fit, _, _ = tasks.evaluate(model, pr, cfg, same_ds, device, n_examples=0)
+    result = dict(check='overfit_seg3d', protocol='sample_ct_seg', trained_on=names, arch=cfg.arch,
+                  img_size=list(cfg.img_size), spacing=list(cfg.spacing), iters=len(history) * cfg.iters_per_epoch,
+                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, deep_supervision=cfg.deep_supervision,
+                  train_loss=[round(h['train_loss'], 4) for h in history],
+                  overfit_mean_dice=fit['mean_dice'], overfit_dice=fit['dice'], target=TARGET,
+                  passed=bool(fit['mean_dice'] >= TARGET))
+    if held_out:
+        val_ds = tasks.CaseDataset(splits['val'], None, None, True, 1)
+        val, _, _ = tasks.evaluate(model, pr, cfg, val_ds, device, n_examples=0)
+        result.update(held_out_on=[c['name'] for c in splits['val']], held_out_mean_dice=val['mean_dice'],
+                      held_out_dice=val['dice'])
+    result.update(train_seconds=round(t_train, 1), total_seconds=round(time.perf_counter() - t0, 1),
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    if tmp is not None: tmp.cleanup()
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--slabs', type=int, nargs='+', default=[2, 3], help='training slabs trained and evaluated on')
+    p.add_argument('--arch', default='micro')
+    p.add_argument('--img-size', type=int, nargs=3, default=[16, 64, 64])
+    p.add_argument('--spacing', type=float, nargs=3, default=[3.0, 3.0, 2.5])
+    p.add_argument('--iters', type=int, default=400)
+    p.add_argument('--epochs', type=int, default=8, help='the iterations are logged in this many epochs')
+    p.add_argument('--batch-size', type=int, default=2)
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--no-deep-supervision', action='store_true')
+    p.add_argument('--out', default='', help='JSON result file (default bench/results/overfit_seg3d_<date>.json)')
+    p.add_argument('--json', action='store_true', help='print the result as one JSON line')
+    a = p.parse_args(argv)
+    try:
+        r = overfit(tuple(a.slabs), a.arch, a.img_size, a.spacing, a.iters, a.epochs, a.batch_size, a.lr, a.seed,
+                    not a.no_deep_supervision)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"overfit_seg3d: {e}", file=sys.stderr); return 1
+    path = Path(a.out or Path(__file__).parent / 'results' / f"overfit_seg3d_{datetime.date.today()}.json")
+    atomic_write(path, json.dumps(tasks._json_safe(r), indent=1))
+    if a.json: print(json.dumps(tasks._json_safe(r)))
+    else:
+        print(f"overfit mean Dice {r['overfit_mean_dice']:.3f} on {r['trained_on']} (target {TARGET}: "
+              f"{'PASS' if r['passed'] else 'FAIL'}); held-out mean Dice {r.get('held_out_mean_dice', float('nan')):.3f}")
+        print('  per structure (overfit):', {k: round(v, 3) for k, v in r['overfit_dice'].items()})
+        if 'held_out_dice' in r: print('  per structure (held-out):', {k: round(v, 3) for k, v in r['held_out_dice'].items()})
+        print(f"  training loss per epoch: {r['train_loss']}; {r['total_seconds']} s; result in {path}")
+    return 0 if r['passed'] else 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
