@@ -86,6 +86,10 @@ def cli_error(r:subprocess.CompletedProcess, *needles):
     if missing: raise Crash(f"last stderr line does not name {missing}: {last[0]}")
 
 
+def _arg(v) -> str:
+    "A value as a user types it on the command line: strings bare, everything else as JSON."
+    return v if isinstance(v, str) else json.dumps(v)
+
 def check(ok:bool, msg:str):
     if not ok: raise Silent(msg)
 
@@ -454,7 +458,7 @@ def case_cli_preprocess_xray_missing_source(tmp):
 @case('cli')
 def case_cli_preprocess_ct_empty_folder(tmp):
     (tmp/'empty').mkdir()
-    cli_error(cli('preprocess', 'ct', tmp/'empty', tmp/'out', '--no-progress'), 'empty', 'no NIfTI')
+    cli_error(cli('preprocess', 'ct', tmp/'empty', tmp/'out', '--no-progress'), 'empty', 'no CT volumes')
 
 @case('cli')
 def case_cli_preprocess_ct_truncated_volume(tmp):
@@ -473,13 +477,13 @@ def case_cli_pretrain_missing_config_file(tmp):
 @case('cli')
 def case_cli_pretrain_resume_from_list_pickle(tmp):
     (tmp/'r').mkdir(); torch.save([1, 2, 3], tmp/'r/checkpoint.pth')
-    args = [x for k, v in (TINY | dict(epochs=1, use_3d=False)).items() for x in (f'--{k}', json.dumps(v))]
+    args = [x for k, v in (TINY | dict(epochs=1, use_3d=False)).items() for x in (f'--{k}', _arg(v))]
     cli_error(cli('pretrain', *args, '--output_dir', tmp/'r'), 'checkpoint.pth')
 
 @case('cli', 'value')
 def case_cli_pretrain_success_exits_0(tmp):
     from importlib.metadata import entry_points
-    args = [x for k, v in (TINY | dict(epochs=1, use_3d=False)).items() for x in (f'--{k}', json.dumps(v))]
+    args = [x for k, v in (TINY | dict(epochs=1, use_3d=False)).items() for x in (f'--{k}', _arg(v))]
     ep = [e for e in entry_points(group='console_scripts') if e.name == 'unimiss-pretrain'][0]
     code = f"import sys; from {ep.module} import {ep.attr} as m; sys.argv[0] = 'unimiss-pretrain'; sys.exit(m())"
     r = subprocess.run([sys.executable, '-c', code, *args, '--output_dir', str(tmp/'r')], capture_output=True, text=True,
