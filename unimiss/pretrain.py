@@ -153,6 +153,7 @@ class PretrainConfig(Config):
         need((self.objective == 'unimiss_plus') == (self.arch in MITPLUS_ARCHS),
              f"objective {self.objective!r} and arch {self.arch!r} do not fit: unimiss_plus trains a MiT+ arch ({', '.join(MITPLUS_ARCHS)}), unimiss a MiT")
         need(self.objective == 'unimiss' or self.cross_dimensional, "objective 'unimiss_plus' needs cross_dimensional (its DRR and slice terms)")
+        need(not (self.grad_checkpointing and self.arch in MITPLUS_ARCHS), "grad_checkpointing is not implemented for MiT+ archs yet")
         mult = MiTPlus.size_multiple if self.arch in MITPLUS_ARCHS else (lambda d: size_multiple(d, self.arch))
         (m2, _), m3 = mult(2), mult(3)
         need(self.img_size_2d % m2 == 0 and self.img_size_2d >= 2 * m2,
@@ -539,8 +540,9 @@ _RUNTIME_KEYS = {'data_dir', 'list_2d', 'list_3d', 'on_error', 'cache_dir', 'num
 
 def build_backbone(cfg:PretrainConfig) -> nn.Module:
     "The student backbone of `cfg` (MiT with the dimensionalities the run needs)."
-    return ARCHS[cfg.arch](spatial_dims=cfg.spatial_dims, img_size2d=cfg.img_size_2d, img_size3d=cfg.img_size_3d,
-                           drop_path_rate=cfg.drop_path_rate).set_grad_checkpointing(cfg.grad_checkpointing)
+    model = ARCHS[cfg.arch](spatial_dims=cfg.spatial_dims, img_size2d=cfg.img_size_2d, img_size3d=cfg.img_size_3d,
+                            drop_path_rate=cfg.drop_path_rate)
+    return model.set_grad_checkpointing(True) if cfg.grad_checkpointing else model
 
 _RESUME_KEYS = ('epoch', 'iteration', 'student', 'teacher', 'optimizer', 'loss', 'rng', 'config')
 
