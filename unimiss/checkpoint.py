@@ -13,12 +13,14 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from .mit import MiT
+from .mit import MiT, stage_strides
 
 # %% auto #0
-__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key',
-           'infer_mit_config', 'infer_img_sizes', 'arch_name', 'read_checkpoint', 'check_weights', 'split_official',
-           'official_to_unimiss', 'load_official', 'load_unimiss_state', 'to_official_state_dict',
+__all__ = ['CHECKPOINT_FORMAT', 'SCHEMA_VERSION', 'CHECKPOINT_KINDS', 'split_official', 'CONFIG_NAME', 'WEIGHTS_NAME',
+           'compile_key_rules', 'official_to_unimiss_key', 'unimiss_to_official_key', 'infer_mit_config',
+           'pretrain_grids', 'infer_img_sizes', 'arch_name', 'read_checkpoint', 'check_weights',
+           'CheckpointVersionError', 'checkpoint_version', 'checkpoint_config', 'save_checkpoint', 'select_network',
+           'read_pretrained', 'official_to_unimiss', 'load_official', 'load_unimiss_state', 'to_official_state_dict',
            'official_head_to_unimiss', 'unimiss_head_to_official', 'to_official_checkpoint', 'parity_fixture_dir',
            'rule_state_dict', 'parity_input', 'mit_config', 'model_config', 'build_from_config', 'save_pretrained',
            'read_safetensors', 'from_pretrained', 'describe_layout', 'load_backbone', 'convert', 'main']
@@ -103,25 +105,34 @@ def infer_mit_config(state_dict:Mapping, # official-layout backbone state dict
     if not cfg['dec_depths']: cfg['decoder'] = False; del cfg['dec_depths']
     return cfg | infer_img_sizes(state_dict, dims, img_size3d)
 
+def pretrain_grids(pos_embed:torch.Tensor|int, # a stage-1 position embedding (1, 1 + N, C), or its N patch tokens
+                   spatial_dims:int, # 2 or 3
+                   depth:int|None=None, # slices of the 3D pretraining crops; None: 16, the official size
+                   n_stages:int=4, # encoder stages whose grids are returned
+                   name:str='the stage-1 position embedding', # what to call it in the error
+                  ) -> tuple[tuple, list[tuple]]:
+    "The one grid inference: (pretraining `img_size`, token grids of stages 1..n) of a stage-1 position embedding."
+    n1 = int(pos_embed) if isinstance(pos_embed, int) else pos_embed.shape[1] - 1
+    strides = stage_strides(spatial_dims, n_stages)
+    lead = 1 if spatial_dims == 2 else (depth or 16) // strides[0][0]   # depth of the 3D stage-1 grid
+    side = math.isqrt(n1 // lead) if lead and n1 % lead == 0 else 0
+    if side == 0 or lead * side * side != n1:
+        raise ValueError(f"{name} has {n1} patch tokens: not " + ("a square S x S grid" if spatial_dims == 2 else
+                         f"{lead} x S x S (a {depth or 16}-slice pretraining size); give the 3D pretraining size"))
+    grid1 = (side, side) if spatial_dims == 2 else (lead, side, side)
+    size = tuple(g * s for g, s in zip(grid1, strides[0]))
+    return size, [tuple(a // s for a, s in zip(size, st)) for st in strides]
+
 def infer_img_sizes(state_dict:Mapping, # official-layout backbone state dict (MiT or MiT+)
                     dims:tuple, # the modalities it holds, e.g. (2, 3)
                     img_size3d=None # (D, H, W) of 3D pretraining; inferred with D=16 if None
                    ) -> dict:
-    "`img_size2d` / `img_size3d` of pretraining, from the stage-1 position embeddings ((S/4)² and 8·(S/4)² tokens)."
+    "`img_size2d` / `img_size3d` of pretraining, from the stage-1 position embeddings (see `pretrain_grids`)."
     cfg = {}
     if 2 in dims:
-        n1 = state_dict['transformer.pos_embed2D1'].shape[1] - 1
-        side = math.isqrt(n1)
-        if side * side != n1: raise ValueError(f"pos_embed2D1 has {n1} patch tokens, not a square grid")
-        cfg['img_size2d'] = side * 4
+        cfg['img_size2d'] = pretrain_grids(state_dict['transformer.pos_embed2D1'], 2, name='pos_embed2D1')[0][0]
     if 3 in dims:
-        n1 = state_dict['transformer.pos_embed3D1'].shape[1] - 1
-        if img_size3d is None:
-            side = math.isqrt(n1 // 8)
-            if 8 * side * side != n1:
-                raise ValueError(f"pos_embed3D1 has {n1} patch tokens: not 8 x S x S (16-slice pretraining); pass img_size3d")
-            img_size3d = (16, side * 4, side * 4)
-        cfg['img_size3d'] = tuple(img_size3d)
+        cfg['img_size3d'] = tuple(img_size3d or pretrain_grids(state_dict['transformer.pos_embed3D1'], 3, name='pos_embed3D1')[0])
     return cfg
 
 def arch_name(config:dict) -> str:
@@ -159,6 +170,7 @@ def read_checkpoint(src, # path of a `torch.save`d checkpoint, or an already-loa
             raise ValueError(f"could not read checkpoint {path} (truncated, corrupted or not a checkpoint): {e}") from e
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{name}: not a checkpoint: expected a mapping of entries, got a {type(ckpt).__name__}")
+    checkpoint_version(ckpt, name)   # 0 for files without the field; a newer one is refused by name
     missing = [k for k in require if k not in ckpt]
     if missing: raise ValueError(f"{name}: checkpoint lacks the entr{'ies' if len(missing) > 1 else 'y'} {missing} "
                                  f"(it has {sorted(map(str, ckpt))})")
@@ -182,24 +194,102 @@ def check_weights(state_dict:Mapping, # parameter name -> tensor (nested mapping
     if nonfinite: raise ValueError(f"{name}: {len(nonfinite)} weight(s) hold NaN/inf values: {nonfinite[:5]}")
     return state_dict
 
-def split_official(src, # path, loaded checkpoint, `student`/`teacher` dict or bare backbone state dict
-                   which:str='teacher' # which network of a full checkpoint: 'teacher' or 'student'
-                  ) -> tuple[dict, dict]:
-    "Official-layout `(backbone, head)` state dicts from a checkpoint in any of the released forms."
-    ckpt = read_checkpoint(src)
+# %% ../nbs/01_checkpoint.ipynb #7d0c009b
+CHECKPOINT_FORMAT, SCHEMA_VERSION = 'unimiss', 1
+CHECKPOINT_KINDS = ('pretrain', 'backbone', 'finetune')  # stamped; 'official' is written as the authors' layout
+
+class CheckpointVersionError(ValueError):
+    "A checkpoint of a schema version this unimiss does not know (written by a newer one)."
+
+def checkpoint_version(ckpt:Mapping, # a loaded checkpoint
+                       name:str='checkpoint', # what to call it in the error
+                      ) -> int:
+    "The schema version of `ckpt`: its `schema_version`, 0 when absent (older unimiss files, the authors' layout)."
+    v = ckpt.get('schema_version', 0)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{name}: schema_version must be a non-negative integer, got {v!r}")
+    if v > SCHEMA_VERSION:
+        raise CheckpointVersionError(f"{name}: checkpoint schema_version {v} is newer than this unimiss reads "
+                                     f"(up to {SCHEMA_VERSION}); upgrade unimiss to read it")
+    if v and ckpt.get('format') != CHECKPOINT_FORMAT:
+        raise ValueError(f"{name}: format must be {CHECKPOINT_FORMAT!r} with a schema_version, got {ckpt.get('format')!r}")
+    return v
+
+def checkpoint_config(ckpt:Mapping) -> dict:
+    "The run config a checkpoint records (`config`), or `{}`: the authors' files and bare state dicts have none."
+    cfg = ckpt.get('config')
+    return dict(cfg) if isinstance(cfg, Mapping) else {}
+
+def save_checkpoint(state:Mapping, # entries (state dicts, tensors, plain values; see the table)
+                    path:str|Path, # destination file, replaced atomically
+                    kind:str='pretrain', # 'pretrain', 'backbone', 'finetune' (stamped) or 'official' (the authors' layout)
+                   ) -> Path:
+    "The one checkpoint writer: `state` with the schema stamp, `torch.save`d atomically; returns `path`."
+    from unimiss import __version__
+    from unimiss.data import atomic_write, remove_stale_temps
+    if kind not in (*CHECKPOINT_KINDS, 'official'):
+        raise ValueError(f"kind must be one of {(*CHECKPOINT_KINDS, 'official')}, got {kind!r}")
+    if kind == 'official': out = dict(state)
+    else:   # the stamp wins over stale entries of a re-saved checkpoint; a recorded `unimiss_version` is kept
+        out = dict(unimiss_version=__version__) | dict(state) | dict(format=CHECKPOINT_FORMAT, schema_version=SCHEMA_VERSION,
+                                                                    kind=kind)
+    remove_stale_temps(Path(path).parent, recursive=False, of=Path(path).name)  # of a save that was killed
+    def write(tmp):
+        with open(tmp, 'wb') as f: torch.save(out, f)
+    return atomic_write(path, write)
+
+# %% ../nbs/01_checkpoint.ipynb #1a8fa44d
+def select_network(src, # path or loaded checkpoint (any layout unimiss reads), or a bare state dict
+                   which:str='teacher', # network of a student/teacher checkpoint: 'teacher' or 'student'
+                   name:str|None=None, # what to call `src` in errors (default: its path)
+                  ) -> tuple[OrderedDict, OrderedDict]:
+    "The one teacher/student selection: `(backbone, head)` tensors of a checkpoint's network, names kept, prefixes removed."
     if which not in ('teacher', 'student'): raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    if which in ckpt and isinstance(ckpt[which], Mapping): sd = ckpt[which]
-    elif which in ckpt: raise ValueError(f"checkpoint entry {which!r} is a {type(ckpt[which]).__name__}, not a state dict")
+    ckpt = read_checkpoint(src)
+    name = name or (str(src) if isinstance(src, (str, os.PathLike)) else 'checkpoint dict')
+    if which in ckpt:
+        if not isinstance(ckpt[which], Mapping):
+            raise ValueError(f"{name}: checkpoint entry {which!r} is a {type(ckpt[which]).__name__}, not a state dict")
+        sd = ckpt[which]
     elif any(k in ckpt for k in ('teacher', 'student')):
-        raise KeyError(f"checkpoint has no {which!r} entry (entries: {sorted(ckpt)})")
-    else: sd = ckpt
+        raise KeyError(f"{name}: checkpoint has no {which!r} entry (entries: {sorted(map(str, ckpt))})")
+    elif isinstance(ckpt.get('state_dict'), Mapping): sd = ckpt['state_dict']   # an exported backbone
+    else: sd = ckpt   # a bare state dict
+    if isinstance(sd.get('backbone'), Mapping):   # {'backbone': {...}, 'head': {...}} nesting
+        sd = {**{f'backbone.{k}': v for k, v in sd['backbone'].items()},
+              **{f'head.{k}': v for k, v in (sd['head'] if isinstance(sd.get('head'), Mapping) else {}).items()}}
     backbone, head = OrderedDict(), OrderedDict()
     for k, v in sd.items():
-        k = k.removeprefix('module.')
+        if not torch.is_tensor(v): continue   # epoch, config, ... of a flat checkpoint
+        k = str(k).removeprefix('module.')
         if k.startswith('head.'): head[k[5:]] = v
         else: backbone[k.removeprefix('backbone.')] = v
     return backbone, head
 
+split_official = select_network   # the earlier name (`unimiss.mitplus`, the pretraining notebook)
+
+def _is_official(keys) -> bool:
+    return any(k.startswith(('transformer.', 'DecEmbed', 'Decblock', 'DecPosEmbed')) for k in keys)
+
+def read_pretrained(src, # path or loaded dict: unimiss pretraining / official checkpoint, or a bare backbone state dict
+                    which:str='teacher', # network to take from a teacher/student checkpoint
+                    expect:str|None=None, # 'unimiss' or 'official' to insist on a layout; None accepts both
+                    name:str|None=None, # how to call `src` in error messages (default: its path)
+                   ) -> OrderedDict:
+    "The backbone weights of a pretraining checkpoint (`select_network`), renamed to `MiT` parameter names."
+    if expect not in (None, 'unimiss', 'official'): raise ValueError(f"expect must be 'unimiss', 'official' or None, got {expect!r}")
+    name = name or (str(src) if isinstance(src, (str, os.PathLike)) else 'checkpoint dict')
+    out, _ = select_network(src, which, name)
+    if not out: raise ValueError(f"{name}: no backbone tensors found")
+    if describe_layout(out) == 'unimiss-downstream': raise ValueError(f"{name}: {_DOWNSTREAM}")
+    layout = 'official' if _is_official(out) else 'unimiss'
+    if expect is not None and layout != expect:
+        raise ValueError(f"{name}: expected a checkpoint in the {expect} layout, but its keys are in the {layout} layout "
+                         f"(e.g. {next(iter(out))!r})")
+    return official_to_unimiss(out) if layout == 'official' else out
+
+
+# %% ../nbs/01_checkpoint.ipynb #0ec6722c
 def official_to_unimiss(state_dict:Mapping,
                         rename=None, # key renamer; default `official_to_unimiss_key` (`unimiss.mitplus` passes MiT+'s)
                         what:str='MiT') -> OrderedDict:
@@ -217,7 +307,7 @@ def load_official(src, # path, loaded checkpoint, `student`/`teacher` dict or ba
                   return_head:bool=False, # also return the DINO head weights (unimiss `DINOHead` layout)
                   **kwargs): # more `MiT` arguments, e.g. drop_path_rate
     "Build the `MiT` that an official checkpoint holds and load its weights, strictly (a UniMiSS+ one: its `MiTPlus`)."
-    backbone, head = split_official(src, which)
+    backbone, head = select_network(src, which)
     if any(k.startswith('transformer.ConvBlock') for k in backbone):  # only MiT+ has the two-level conv stem
         from unimiss.mitplus import load_official_plus
         both = OrderedDict(backbone) | OrderedDict((f'head.{k}', v) for k, v in head.items())
@@ -420,12 +510,6 @@ _DOWNSTREAM = ("the 3D segmentation network of UniMiSS-code's Downstream (keys l
                "not the pretrained backbone; load the pretraining checkpoint (with 'student'/'teacher') instead")
 
 # %% ../nbs/01_checkpoint.ipynb #73536952
-def _infer_img_size3d(sd:Mapping, depth:int) -> tuple:
-    "(D, H, W) of 3D pretraining from the stage-1 3D position embedding of a unimiss-layout state dict."
-    n1 = sd['stages.0.pos_embed.3d'].shape[1] - 1
-    side = math.isqrt(n1 // (depth // 2))
-    return (depth, 4 * side, 4 * side)
-
 def load_backbone(src, # checkpoint path/dict (official, SuPreM/VoCo copy, unimiss) or a `save_pretrained` folder
                   which:str='teacher', # network of a student/teacher checkpoint
                   img_size3d=None, # (D, H, W) of 3D pretraining, when the checkpoint cannot tell
@@ -435,15 +519,12 @@ def load_backbone(src, # checkpoint path/dict (official, SuPreM/VoCo copy, unimi
         m = from_pretrained(src)
         if not isinstance(m, MiT): raise ValueError(f"{src}: holds a {type(m).__name__}, not a MiT backbone")
         return m
-    from unimiss.finetune import read_pretrained   # finetune imports this module
     name = str(src) if isinstance(src, (str, Path)) else 'checkpoint dict'
     ckpt = read_checkpoint(src)
     if isinstance(ckpt.get('mit_config'), Mapping):   # written by `unimiss-convert --format unimiss`
         return load_unimiss_state(_mit_from_config(ckpt['mit_config']), ckpt['state_dict'])
-    net = ckpt.get(which) if isinstance(ckpt.get(which), Mapping) else ckpt.get('state_dict', ckpt)
-    if isinstance(net, Mapping) and describe_layout(net) == 'unimiss-downstream': raise ValueError(f"{name}: {_DOWNSTREAM}")
     sd = read_pretrained(ckpt, which, name=name)
-    cfg = ckpt.get('config') if isinstance(ckpt.get('config'), Mapping) else {}
+    cfg = checkpoint_config(ckpt)
     arch = str(cfg.get('arch', '')).removeprefix('mit_')
     if arch in MIT_ARCHS:   # a unimiss pretraining checkpoint records its architecture and crop sizes
         dims = tuple(d for d in (2, 3) if any(k.startswith(f'stem.{d}d.') for k in sd))
@@ -453,7 +534,7 @@ def load_backbone(src, # checkpoint path/dict (official, SuPreM/VoCo copy, unimi
         try: return load_unimiss_state(model, sd)
         except ValueError as e: raise ValueError(f"{name}: {e}") from e
     if img_size3d is None and 'stages.0.pos_embed.3d' in sd and isinstance(cfg.get('img_size_3d'), (list, tuple)):
-        img_size3d = _infer_img_size3d(sd, int(cfg['img_size_3d'][0]))
+        img_size3d = pretrain_grids(sd['stages.0.pos_embed.3d'], 3, int(cfg['img_size_3d'][0]))[0]
     try: return load_official(to_official_state_dict(sd), img_size3d=img_size3d)
     except (KeyError, ValueError) as e: raise ValueError(f"{name}: {e}") from e
 
@@ -466,12 +547,10 @@ def convert(src, # as for `load_backbone`
     "Convert the backbone of `src` to `format` at `dst`; return what was written."
     if format not in ('safetensors', 'official', 'unimiss'):
         raise ValueError(f"format must be 'safetensors', 'official' or 'unimiss', got {format!r}")
-    from unimiss.data import atomic_write
     model = load_backbone(src, which, img_size3d)
     if format == 'safetensors': return save_pretrained(model, dst)
-    state = (to_official_checkpoint(model) if format == 'official'
-             else dict(state_dict=model.state_dict(), mit_config=mit_config(model)))
-    return atomic_write(dst, lambda tmp: torch.save(state, tmp))
+    if format == 'official': return save_checkpoint(to_official_checkpoint(model), dst, kind='official')
+    return save_checkpoint(dict(state_dict=model.state_dict(), mit_config=mit_config(model)), dst, kind='backbone')
 
 def _ints(s:str) -> tuple: return tuple(int(v) for v in s.replace(',', ' ').split())
 

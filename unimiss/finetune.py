@@ -16,14 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 
-from .checkpoint import official_to_unimiss, read_checkpoint
+from .checkpoint import checkpoint_config, pretrain_grids, read_checkpoint, read_pretrained
 from .mit import MIT_ARCHS, MiT, ConvNormAct, dim_key, map_to_tokens, tokens_to_map, resize_pos_embed
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ARCHS', 'build_backbone', 'MiTSegmenter', 'deep_supervision_weights', 'MiTClassifier', 'read_pretrained',
-           'load_pretrained', 'build_model']
+__all__ = ['log', 'ARCHS', 'build_backbone', 'MiTSegmenter', 'deep_supervision_weights', 'MiTClassifier', 'load_pretrained',
+           'build_model']
 
 # %% ../nbs/05_finetune.ipynb #1de9789c
 ARCHS = MIT_ARCHS
@@ -118,37 +118,6 @@ class MiTClassifier(nn.Module):
         return (self.head(self.norm(enc.cls)) + self.head(tokens.mean(1))) / 2
 
 # %% ../nbs/05_finetune.ipynb #37dd0d63
-def _is_official(keys) -> bool:
-    return any(k.startswith(('transformer.', 'DecEmbed', 'Decblock', 'DecPosEmbed')) for k in keys)
-
-def read_pretrained(src, # path or loaded dict: unimiss pretraining / official checkpoint, or a bare backbone state dict
-                    which:str='teacher', # network to take from a teacher/student checkpoint
-                    expect:str|None=None, # 'unimiss' or 'official' to insist on a layout; None accepts both
-                    name:str|None=None, # how to call `src` in error messages (default: its path)
-                   ) -> OrderedDict:
-    "The backbone weights of a pretraining checkpoint, renamed to `MiT` parameter names."
-    if which not in ('teacher', 'student'): raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
-    if expect not in (None, 'unimiss', 'official'): raise ValueError(f"expect must be 'unimiss', 'official' or None, got {expect!r}")
-    ckpt, name = read_checkpoint(src), name or (str(src) if isinstance(src, (str, Path)) else 'checkpoint dict')
-    if which in ckpt and isinstance(ckpt[which], Mapping): sd = ckpt[which]
-    elif which in ckpt: raise ValueError(f"{name}: checkpoint entry {which!r} is a {type(ckpt[which]).__name__}, not a state dict")
-    elif any(k in ckpt for k in ('teacher', 'student')):
-        raise KeyError(f"{name}: no {which!r} network in the checkpoint (entries: {sorted(map(str, ckpt))})")
-    elif isinstance(ckpt.get('state_dict'), Mapping): sd = ckpt['state_dict']  # `unimiss.pretrain.export_teacher`
-    else: sd = ckpt
-    if isinstance(sd.get('backbone'), Mapping): sd = sd['backbone']  # {'backbone': {...}, 'head': {...}} nesting
-    out = OrderedDict()
-    for k, v in sd.items():
-        k = k.removeprefix('module.')
-        if k.startswith('head.') or not torch.is_tensor(v): continue
-        out[k.removeprefix('backbone.')] = v
-    if not out: raise ValueError(f"{name}: no backbone tensors found")
-    layout = 'official' if _is_official(out) else 'unimiss'
-    if expect is not None and layout != expect:
-        raise ValueError(f"{name}: expected a checkpoint in the {expect} layout, but its keys are in the {layout} layout "
-                         f"(e.g. {next(iter(out))!r})")
-    return official_to_unimiss(out) if layout == 'official' else out
-
 def _mit_shape(sd:Mapping, prefix:str) -> tuple:
     "(blocks per stage, width per stage) of the `prefix` ('stages' or 'decoder_stages') of a `MiT` state dict."
     blocks, widths = {}, {}
@@ -168,29 +137,8 @@ def _arch_of(sd:Mapping, recorded=None) -> str:
     name = recorded or (names[0] if len(names) == 1 else 'custom')
     return f"MiT {name!r} (depths {depths}, decoder depths {dec or 'none'}, widths {widths})"
 
-def _pretrain_depth(ckpt:Mapping) -> int|None:
-    "Slices of the 3D pretraining crops when the checkpoint records its `unimiss.pretrain` config."
-    cfg = ckpt.get('config')
-    size = cfg.get('img_size_3d') if isinstance(cfg, Mapping) else None
-    return int(size[0]) if size is not None else None
 
 # %% ../nbs/05_finetune.ipynb #6fcdeea2
-def _pretrain_grids(sd:Mapping, key:str, n_stages:int, depth3d:int|None) -> list[tuple]:
-    "Token grids of encoder stages 1..n of the checkpoint, from the stage-1 position-embedding length."
-    name = f'stages.0.pos_embed.{key}'
-    if name not in sd: return []
-    n1 = sd[name].shape[1] - 1
-    if key == '2d':
-        side = math.isqrt(n1)
-        if side * side != n1: raise ValueError(f"{name} has {n1} patch tokens: not a square 2D grid")
-        return [(side >> i, side >> i) for i in range(n_stages)]
-    d1 = (depth3d or 16) // 2
-    side = math.isqrt(n1 // d1) if n1 % d1 == 0 else 0
-    if d1 * side * side != n1:
-        raise ValueError(f"{name} has {n1} patch tokens: not {d1} x S x S (a {2 * d1}-slice pretraining size); "
-                         "pass pretrain_img_size3d")
-    return [(d1 >> i, side >> i, side >> i) for i in range(n_stages)]
-
 def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
                     src, # checkpoint path or dict (see `read_pretrained`)
                     which:str='teacher', # 'teacher' (DINO practice) or 'student' (the authors' fine-tuning scripts)
@@ -208,17 +156,18 @@ def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
     (c_depths, c_widths), (c_dec, _) = _mit_shape(sd, 'stages'), _mit_shape(sd, 'decoder_stages')
     (m_depths, m_widths), (m_dec, _) = _mit_shape(own, 'stages'), _mit_shape(own, 'decoder_stages')
     if c_depths != m_depths or c_widths != m_widths or (m_dec and c_dec and c_dec != m_dec):
-        cfg = ckpt.get('config') if isinstance(ckpt.get('config'), Mapping) else {}
-        what = (f"{str(src) if isinstance(src, (str, Path)) else 'the checkpoint'} holds {_arch_of(sd, cfg.get('arch'))}, "
-                f"the model is {_arch_of(own)}")
+        held = _arch_of(sd, checkpoint_config(ckpt).get('arch'))
+        what = f"{str(src) if isinstance(src, (str, Path)) else 'the checkpoint'} holds {held}, the model is {_arch_of(own)}"
         if strict or c_widths != m_widths:
             raise ValueError(f"architecture mismatch: {what}; build the model with the checkpoint's arch"
                              + (" (strict=False loads the tensors that fit)" if c_widths == m_widths else ""))
         log.warning("architecture mismatch (strict=False, loading the tensors that fit): %s", what)
     n = len(bb.stages)
     keys = [dim_key(d) for d in bb.spatial_dims]
-    depth3d = pretrain_img_size3d[0] if pretrain_img_size3d is not None else _pretrain_depth(ckpt)
-    src_grids = {k: _pretrain_grids(sd, k, n, depth3d) for k in keys}
+    recorded = checkpoint_config(ckpt).get('img_size_3d')
+    depth3d = pretrain_img_size3d[0] if pretrain_img_size3d is not None else recorded[0] if recorded else None
+    src_grids = {k: pretrain_grids(sd[f'stages.0.pos_embed.{k}'], int(k[0]), depth3d, n, f'stages.0.pos_embed.{k}')[1]
+                 for k in keys if f'stages.0.pos_embed.{k}' in sd}
     new, resized, dropped, shapes = OrderedDict(), [], [], []
     for k, v in sd.items():
         if k not in own: dropped.append(k); continue

@@ -41,16 +41,16 @@ from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
     collapse_monitors, cosine_schedule, cross_dimensional_loss, ema_update, param_groups, teacher_temp_schedule,
     volume_to_slices)
-from .checkpoint import check_weights, read_checkpoint
+from .checkpoint import check_weights, read_checkpoint, save_checkpoint, select_network
 from .data import atomic_write, cli_entry, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'ARCHS', 'PretrainConfig', 'load_config', 'epoch_plan', 'SyntheticViews', 'view_shape', 'build_datasets',
-           'make_loader', 'seed_epoch', 'SelfDistillation', 'save_checkpoint', 'copy_checkpoint', 'load_checkpoint',
-           'rng_state', 'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log', 'init_distributed',
-           'build_backbone', 'pretrain', 'parse_args', 'main']
+           'make_loader', 'seed_epoch', 'SelfDistillation', 'copy_checkpoint', 'load_checkpoint', 'rng_state',
+           'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log', 'init_distributed', 'build_backbone',
+           'pretrain', 'parse_args', 'main']
 
 # %% ../nbs/04_pretrain.ipynb #544c62dc
 ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro,
@@ -384,13 +384,8 @@ def _all_finite(loss:torch.Tensor) -> bool:
     return bool(ok.item())
 
 # %% ../nbs/04_pretrain.ipynb #43eab023
-def save_checkpoint(state:Mapping, # what to save (tensors and plain Python values)
-                    path:str|Path) -> Path:
-    "Write `state` to `path` atomically with `unimiss.data.atomic_write` (temporary sibling, fsync, `os.replace`)."
-    remove_stale_temps(Path(path).parent, recursive=False, of=Path(path).name)  # of a save that was killed
-    def write(tmp):
-        with open(tmp, 'wb') as f: torch.save(dict(state), f)
-    return atomic_write(path, write)
+# checkpoints are written by `unimiss.checkpoint.save_checkpoint(state, path, kind)`, the one writer (atomic, stamped
+# with the schema version; see the schema table in `01_checkpoint`)
 
 def copy_checkpoint(src:str|Path, dst:str|Path) -> Path:
     "Atomic copy of a checkpoint file."
@@ -427,15 +422,14 @@ def export_teacher(checkpoint:str|Path|Mapping, # checkpoint path or loaded chec
         if isinstance(checkpoint, Mapping): raise ValueError("out_dir is needed when a loaded checkpoint is given")
         out_dir = Path(checkpoint).parent
     out_dir = Path(out_dir)
-    backbone = {k.removeprefix('backbone.'): v for k, v in ckpt['teacher'].items() if k.startswith('backbone.')}
-    head = {k.removeprefix('head.'): v for k, v in ckpt['teacher'].items() if k.startswith('head.')}
+    backbone, head = select_network(ckpt, 'teacher')
     meta = dict(config=ckpt.get('config'), epoch=ckpt.get('epoch'), unimiss_version=ckpt.get('unimiss_version'))
-    ours = save_checkpoint(dict(state_dict=backbone, **meta), out_dir/'teacher_backbone.pth')
+    ours = save_checkpoint(dict(state_dict=backbone, **meta), out_dir/'teacher_backbone.pth', kind='backbone')
     plus = (ckpt.get('config') or {}).get('objective') == 'unimiss_plus'  # a MiT+: the UniMiSS+ layout
     from unimiss.mitplus import unimiss_to_official_plus_key
     official = save_checkpoint(to_official_checkpoint(backbone, head, rename=unimiss_to_official_plus_key if plus else None,
                                                       epoch=ckpt.get('epoch')),
-                               out_dir/'teacher_official.pth')
+                               out_dir/'teacher_official.pth', kind='official')
     return dict(unimiss=ours, official=official)
 
 # %% ../nbs/04_pretrain.ipynb #667472a1
