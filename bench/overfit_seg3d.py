@@ -1,8 +1,9 @@
 """Overfit check of the 3D segmentation fine-tuning engine on the sample CT task (`sample_ct_seg`).
 
 Trains on a few slabs of the sample chest CT and evaluates on the SAME slabs with the engine's own pieces
-(`unimiss.tasks`: the protocol's reader/labels, `train_transform` patch sampling, `make_loss` with deep
-supervision, `train`, sliding-window `evaluate`). A correct engine memorises a few cases: mean Dice >= 0.9.
+(`unimiss.protocols`: the protocol's reader/labels; `unimiss.casedata`: `train_transform` patch sampling;
+`unimiss.engine`: `train` with `make_loss` (deep supervision), sliding-window `evaluate`).
+A correct engine memorises a few cases: mean Dice >= 0.9.
 The held-out Dice (the protocol's validation slabs) is reported beside it; it is not expected to be high.
 
     python bench/overfit_seg3d.py                      # prints the Dice, writes bench/results/overfit_seg3d_<date>.json
@@ -19,7 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unimiss import tasks
+from unimiss.casedata import CaseDataset, train_transform
+from unimiss.config import seed_everything
+from unimiss.engine import evaluate, train
+from unimiss.finetune import load_config
+from unimiss.protocols import PROTOCOLS, get_splits
+from unimiss.reports import json_safe
 from unimiss.data import atomic_write
 from unimiss.finetune import build_model
 
@@ -32,32 +38,32 @@ def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on
             deep_supervision:bool=True, held_out:bool=True, out_dir=None) -> dict:
     "Train on `slabs` of the sample CT, evaluate on the same slabs (and on the validation slabs); returns the result."
     t0 = time.perf_counter()
-    pr = tasks.PROTOCOLS['sample_ct_seg']
+    pr = PROTOCOLS['sample_ct_seg']
     n_slabs = pr.options['n_slabs']
     val_slabs = list(pr.options['val_slabs'])
     if set(slabs) & set(val_slabs): raise ValueError(f"slabs {list(slabs)} overlap the validation slabs {val_slabs}")
     tmp = tempfile.TemporaryDirectory() if out_dir is None else None
     out = Path(out_dir or tmp.name)
-    cfg = tasks.load_config(dict(protocol='sample_ct_seg', arch=arch, img_size=tuple(img_size), spacing=tuple(spacing),
+    cfg = load_config(dict(protocol='sample_ct_seg', arch=arch, img_size=tuple(img_size), spacing=tuple(spacing),
                                  epochs=epochs, iters_per_epoch=max(1, iters // epochs), batch_size=batch_size, lr=lr,
                                  seed=seed, deep_supervision=deep_supervision, drop_path_rate=0.0, device='cpu',
                                  progress=False, out_dir=str(out), options=dict(n_slabs=n_slabs, val_slabs=val_slabs)))
-    tasks.seed_everything(cfg.seed, deterministic=True)
+    seed_everything(cfg.seed, deterministic=True)
     device = torch.device('cpu')
-    splits = tasks.get_splits(cfg)
+    splits = get_splits(cfg)
     train_cases = [c for c in splits['train'] if int(c['name'].removeprefix('slab').split('_')[0]) in slabs]
     names = [c['name'] for c in train_cases]
     if len(train_cases) != len(slabs): raise ValueError(f"slabs {list(slabs)} not all among the training slabs "
                                                         f"{[c['name'] for c in splits['train']]}")
-    tf = tasks.train_transform(pr.kind, pr.spatial_dims, cfg.img_size, pr.flip_axes)
+    tf = train_transform(pr.kind, pr.spatial_dims, cfg.img_size, pr.flip_axes)
     tf.set_random_state(seed=cfg.seed)
-    train_ds = tasks.CaseDataset(train_cases, None, tf, True, 1)
-    same_ds = tasks.CaseDataset(train_cases, None, None, True, 1)
+    train_ds = CaseDataset(train_cases, None, tf, True, 1)
+    same_ds = CaseDataset(train_cases, None, None, True, 1)
     model = build_model(pr.kind, pr.spatial_dims, pr.num_outputs, cfg.arch, cfg.img_size,
                         deep_supervision=cfg.deep_supervision, drop_path_rate=cfg.drop_path_rate).to(device)
-    history, _ = tasks.train(model, pr, cfg, train_ds, None, device, out)
+    history, _ = train(model, pr, cfg, train_ds, None, device, out)
     t_train = time.perf_counter() - t0
-    fit, _, _ = tasks.evaluate(model, pr, cfg, same_ds, device, n_examples=0)
+    fit, _, _ = evaluate(model, pr, cfg, same_ds, device, n_examples=0)
     result = dict(check='overfit_seg3d', protocol='sample_ct_seg', trained_on=names, arch=cfg.arch,
                   img_size=list(cfg.img_size), spacing=list(cfg.spacing), iters=len(history) * cfg.iters_per_epoch,
                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, deep_supervision=cfg.deep_supervision,
@@ -65,8 +71,8 @@ def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on
                   overfit_mean_dice=fit['mean_dice'], overfit_dice=fit['dice'], target=TARGET,
                   passed=bool(fit['mean_dice'] >= TARGET))
     if held_out:
-        val_ds = tasks.CaseDataset(splits['val'], None, None, True, 1)
-        val, _, _ = tasks.evaluate(model, pr, cfg, val_ds, device, n_examples=0)
+        val_ds = CaseDataset(splits['val'], None, None, True, 1)
+        val, _, _ = evaluate(model, pr, cfg, val_ds, device, n_examples=0)
         result.update(held_out_on=[c['name'] for c in splits['val']], held_out_mean_dice=val['mean_dice'],
                       held_out_dice=val['dice'])
     result.update(train_seconds=round(t_train, 1), total_seconds=round(time.perf_counter() - t0, 1),
@@ -96,8 +102,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"overfit_seg3d: {e}", file=sys.stderr); return 1
     path = Path(a.out or Path(__file__).parent / 'results' / f"overfit_seg3d_{datetime.date.today()}.json")
-    atomic_write(path, json.dumps(tasks._json_safe(r), indent=1))
-    if a.json: print(json.dumps(tasks._json_safe(r)))
+    atomic_write(path, json.dumps(json_safe(r), indent=1))
+    if a.json: print(json.dumps(json_safe(r)))
     else:
         print(f"overfit mean Dice {r['overfit_mean_dice']:.3f} on {r['trained_on']} (target {TARGET}: "
               f"{'PASS' if r['passed'] else 'FAIL'}); held-out mean Dice {r.get('held_out_mean_dice', float('nan')):.3f}")

@@ -1,4 +1,4 @@
-"""Fine-tuning on your own data: the `datalist_*` protocols of `unimiss.tasks` on tiny synthetic MONAI-style JSON
+"""Fine-tuning on your own data: the `datalist_*` protocols of `unimiss.protocols` on tiny synthetic MONAI-style JSON
 datalists (one 2D segmentation, one 3D classification task, smoke sizes), the named errors of bad datalists, the
 experiment notebook's `dataset=datalist`, and TensorBoard logging of a fine-tuning run."""
 import json, logging, sys
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unimiss import tasks
+from unimiss import casedata, protocols
+from unimiss import finetune as ft
 from unimiss.evaluate import DatalistError, EmptySplitError, MissingImageError, UnknownLabelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def _cfg(protocol, datalist, out, **options):
 
 
 def test_seg2d_datalist_finetunes(seg2d, tmp_path):
-    m = tasks.finetune(_cfg('datalist_seg2d', seg2d, tmp_path/'run', classes=['background', 'top', 'bottom']))
+    m = ft.finetune(_cfg('datalist_seg2d', seg2d, tmp_path/'run', classes=['background', 'top', 'bottom']))
     assert m['cases'] == dict(train=3, val=1, test=1) and m['evaluated_on'] == 'test'
     assert set(m['dice']) == {'top', 'bottom'} and 0 <= m['mean_dice'] <= 1
     for f in ('metrics.json', 'cases.csv', 'figures/overlays.png', 'checkpoints/best.pt'):
@@ -57,14 +58,14 @@ def test_seg2d_datalist_finetunes(seg2d, tmp_path):
 
 
 def test_cls3d_datalist_finetunes(cls3d, tmp_path):
-    m = tasks.finetune(_cfg('datalist_cls3d', cls3d, tmp_path/'run', num_classes=2))
+    m = ft.finetune(_cfg('datalist_cls3d', cls3d, tmp_path/'run', num_classes=2))
     assert m['cases'] == dict(train=4, val=2) and m['evaluated_on'] == 'val'
     assert 0 <= m['auc'] <= 1
-    assert tasks.protocol_of(tasks.load_config(_cfg('datalist_cls3d', cls3d, tmp_path, num_classes=2))).classes == ('class 0', 'class 1')
+    assert protocols.protocol_of(ft.load_config(_cfg('datalist_cls3d', cls3d, tmp_path, num_classes=2))).classes == ('class 0', 'class 1')
 
 
 def test_bad_datalists_are_named(seg2d, cls3d, tmp_path):
-    splits = lambda p, dl, **o: tasks.get_splits(tasks.load_config(_cfg(p, dl, tmp_path, **o)))
+    splits = lambda p, dl, **o: protocols.get_splits(ft.load_config(_cfg(p, dl, tmp_path, **o)))
     with pytest.raises(MissingImageError, match='does not exist'): splits('datalist_seg2d', tmp_path/'nope.json', num_classes=3)
     d = json.loads(seg2d.read_text()); d['training'][1]['label'] = 'missing.png'
     with pytest.raises(MissingImageError, match=r"training\[1\] label .*missing.png does not exist"):
@@ -79,13 +80,13 @@ def test_bad_datalists_are_named(seg2d, cls3d, tmp_path):
     with pytest.raises(EmptySplitError, match="'validation' split is empty"):
         splits('datalist_cls3d', _write(tmp_path/'d.json', d), num_classes=2)
     with pytest.raises(ValueError, match='needs options.num_classes >= 2 or options.classes'):
-        tasks.load_config(_cfg('datalist_cls3d', cls3d, tmp_path))
+        ft.load_config(_cfg('datalist_cls3d', cls3d, tmp_path))
     with pytest.raises(ValueError, match='needs options.datalist'):
-        tasks.load_config(dict(protocol='datalist_seg3d', options=dict(num_classes=3)))
+        ft.load_config(dict(protocol='datalist_seg3d', options=dict(num_classes=3)))
     # a label value outside the classes is named with its case when the case is read
-    case = tasks.get_splits(tasks.load_config(_cfg('datalist_seg2d', seg2d, tmp_path, num_classes=2)))['train'][0]
+    case = protocols.get_splits(ft.load_config(_cfg('datalist_seg2d', seg2d, tmp_path, num_classes=2)))['train'][0]
     with pytest.raises(ValueError, match=r"case 'img0': unexpected label value\(s\) \[2\]"):
-        tasks.read_xray_case(case, (64, 64), num_classes=2)
+        casedata.read_xray_case(case, (64, 64), num_classes=2)
 
 
 def test_experiment_notebook_takes_a_datalist(seg2d, tmp_path):
@@ -103,7 +104,7 @@ def test_experiment_notebook_takes_a_datalist(seg2d, tmp_path):
 def test_tensorboard_logging(seg2d, tmp_path):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tasks.finetune(dict(_cfg('datalist_seg2d', seg2d, tmp_path/'run', num_classes=3), tensorboard=True))
+    ft.finetune(dict(_cfg('datalist_seg2d', seg2d, tmp_path/'run', num_classes=3), tensorboard=True))
     acc = EventAccumulator(str(tmp_path/'run'/'tensorboard')); acc.Reload()
     assert {'train_loss', 'lr', 'val_mean_dice'} <= set(acc.Tags()['scalars'])
     assert [e.step for e in acc.Scalars('train_loss')] == [1, 2]  # one point per epoch (smoke: two epochs)
@@ -111,7 +112,7 @@ def test_tensorboard_logging(seg2d, tmp_path):
 
 def test_tensorboard_missing_is_skipped_with_a_message(seg2d, tmp_path, caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if tensorboard were not installed
-    with caplog.at_level(logging.WARNING, logger='unimiss.tasks'):
-        m = tasks.finetune(dict(_cfg('datalist_seg2d', seg2d, tmp_path/'run', num_classes=3), tensorboard=True))
+    with caplog.at_level(logging.WARNING, logger='unimiss.engine'):
+        m = ft.finetune(dict(_cfg('datalist_seg2d', seg2d, tmp_path/'run', num_classes=3), tensorboard=True))
     assert 'tensorboard package is not installed' in caplog.text and m['epochs_run'] == 2
     assert not (tmp_path/'run'/'tensorboard').exists()

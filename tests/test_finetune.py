@@ -9,9 +9,9 @@ import yaml
 from PIL import Image
 
 from unimiss.checkpoint import to_official_checkpoint
-from unimiss.finetune import build_model, load_pretrained
-from unimiss.tasks import (PROTOCOLS, finetune, jsrt_cases, label_fraction_subset, load_config, make_demo_checkpoints,
-                           read_ct_case, ricord_cases, write_demo_dataset, bcv_cases)
+from unimiss.casedata import read_ct_case
+from unimiss.finetune import build_model, finetune, load_config, load_pretrained, make_demo_checkpoints
+from unimiss.protocols import PROTOCOLS, bcv_cases, jsrt_cases, label_fraction_subset, ricord_cases, write_demo_dataset
 
 OUTPUTS = {'config.yaml', 'metrics.json', 'cases.csv', 'history.csv', 'checkpoints/best.pt', 'checkpoints/last.pt',
            'figures/training_curves.png'}

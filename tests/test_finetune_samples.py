@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from unimiss.tasks import PROTOCOLS, finetune, get_splits, load_config, make_demo_checkpoints
+from unimiss.finetune import finetune, load_config, make_demo_checkpoints
+from unimiss.protocols import PROTOCOLS, get_splits
 
 SAMPLE_TASKS = ['sample_ct_seg', 'sample_drr_seg', 'sample_br35h_cls', 'sample_ct_cls']
 

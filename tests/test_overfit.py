@@ -45,8 +45,11 @@ def test_evaluation_path_is_exact_for_a_perfect_model():
     "Sliding-window stitching, argmax and scoring: a model that outputs the true classes scores Dice 1 on every structure."
     import numpy as np
     import torch
-    from unimiss import tasks
-    pr = tasks.PROTOCOLS['sample_ct_seg']
+    from unimiss.casedata import CaseDataset
+    from unimiss.engine import evaluate
+    from unimiss.finetune import load_config
+    from unimiss.protocols import PROTOCOLS
+    pr = PROTOCOLS['sample_ct_seg']
     k = pr.num_outputs
     rng = np.random.default_rng(0)
     label = np.zeros((1, 22, 40, 56), np.float32)
@@ -57,7 +60,7 @@ def test_evaluation_path_is_exact_for_a_perfect_model():
     class Oracle(torch.nn.Module):
         def forward(self, x): return 10 * torch.nn.functional.one_hot(x[:, 0].round().long(), k).movedim(-1, 1).float()
 
-    cfg = tasks.load_config(dict(protocol='sample_ct_seg', smoke=True, img_size=(16, 32, 64)))
-    ds = tasks.CaseDataset([dict(name='boxes', image=label.copy(), label=label)], None)
-    summary, rows, _ = tasks.evaluate(Oracle(), pr, cfg, ds, torch.device('cpu'), n_examples=0)
+    cfg = load_config(dict(protocol='sample_ct_seg', smoke=True, img_size=(16, 32, 64)))
+    ds = CaseDataset([dict(name='boxes', image=label.copy(), label=label)], None)
+    summary, rows, _ = evaluate(Oracle(), pr, cfg, ds, torch.device('cpu'), n_examples=0)
     assert summary['mean_dice'] == 1.0 and all(v == 1.0 for v in summary['dice'].values()), summary

@@ -15,7 +15,7 @@ pytest.importorskip("SimpleITK")
 from unimiss.data import phantom_ct
 from unimiss.preprocess import preprocess_ct
 from unimiss.readers import (LPS_TO_RAS, read_volume, scan_dicom, write_dicom_series)
-from unimiss.tasks import read_ct_case
+from unimiss.casedata import read_ct_case
 
 # x runs right-to-left, z from head to feet: flipped on two axes, not oblique
 AFFINE = np.array([[-0.75, 0, 0, 30.0], [0, 0.8, 0, -20.0], [0, 0, -1.5, 60.0], [0, 0, 0, 1]])

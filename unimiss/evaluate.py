@@ -37,7 +37,7 @@ __all__ = ['logger', 'TASKS', 'DATALIST_TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES
 
 # %% ../nbs/07_evaluate.ipynb #56aa2d96
 TASKS = ('cls2d', 'cls3d', 'patch3d')
-DATALIST_TASKS = TASKS + ('seg2d', 'seg3d')  # fine-tuning reads its datalists here too (`unimiss.tasks`)
+DATALIST_TASKS = TASKS + ('seg2d', 'seg3d')  # fine-tuning reads its datalists here too (`unimiss.protocols`)
 
 class DatalistError(ValueError):
     "A probe datalist that cannot be used; the message names the file, the entry and what was expected."
@@ -390,8 +390,8 @@ def _default_size(checkpoint, task:str):
     "The pretraining input size a unimiss checkpoint records, else the official 224 / (16, 96, 96)."
     cfg = {}
     if not (isinstance(checkpoint, str) and checkpoint == 'random'):
-        from unimiss.checkpoint import read_checkpoint
-        cfg = read_checkpoint(checkpoint).get('config') or {}
+        from unimiss.checkpoint import checkpoint_config, read_checkpoint
+        cfg = checkpoint_config(read_checkpoint(checkpoint))
     return cfg.get('img_size_2d', 224) if task == 'cls2d' else tuple(cfg.get('img_size_3d', (16, 96, 96)))
 
 def run_probe(checkpoint:str|Path, # checkpoint path or 'random'

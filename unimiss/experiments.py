@@ -322,7 +322,7 @@ def _this_python_kernel():
             return self._kernel_spec
     return ThisPythonKernel
 
-_EPOCH = re.compile(r'INFO unimiss\.(pretrain|tasks): epoch (\d+)(?: \((\dD)\))?: (\{.*\})$')
+_EPOCH = re.compile(r'INFO unimiss\.(pretrain|engine|tasks): epoch (\d+)(?: \((\dD)\))?: (\{.*\})$')
 
 def _total_epochs(run_dir:Path) -> int|None:
     "The `epochs` of a run's saved config (top level or one level down), once the notebook has written it."

@@ -1,4 +1,4 @@
-"""Segmentation and classification networks on the pretrained MiT, built for one modality, initialised from scratch, from a unimiss pretraining checkpoint or from the authors' released weights.
+"""Segmentation and classification networks on the pretrained MiT, built for one modality and initialised from scratch, from a unimiss pretraining checkpoint or from the authors' released weights; the fine-tuning config; and `finetune(config)`, the one call that runs a protocol end to end.
 
 Docs: https://unimiss.github.io/unimiss/finetune.html.md"""
 
@@ -6,7 +6,8 @@ Docs: https://unimiss.github.io/unimiss/finetune.html.md"""
 
 # %% ../nbs/05_finetune.ipynb #37a6db60
 from __future__ import annotations
-import inspect, logging, math
+import inspect, json, logging, math, time
+from dataclasses import dataclass, field
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -14,16 +15,24 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from monai.networks.layers.factories import Conv
 
-from .checkpoint import checkpoint_config, pretrain_grids, read_checkpoint, read_pretrained
-from .mit import MIT_ARCHS, MiT, ConvNormAct, dim_key, map_to_tokens, tokens_to_map, resize_pos_embed
+from .casedata import CaseDataset, eval_transform, train_transform
+from .checkpoint import checkpoint_config, pretrain_grids, read_checkpoint, read_pretrained, save_checkpoint
+from .config import PRECISIONS, Config, check_keys, check_precision, coerce, read_yaml, resolve_device, seed_everything
+from .data import atomic_write
+from .engine import evaluate, train
+from .metrics import deep_supervision_weights
+from .mit import MIT_ARCHS, MiT, ConvNormAct, canonical_arch, dim_key, map_to_tokens, resize_pos_embed, size_multiple, tokens_to_map
+from .protocols import PROTOCOLS, SMOKE, datalist_classes, get_splits, protocol_of
+from .reports import json_safe, plot_history, plot_overlays, plot_roc, write_csv
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ARCHS', 'build_backbone', 'MiTSegmenter', 'deep_supervision_weights', 'MiTClassifier', 'load_pretrained',
-           'build_model']
+__all__ = ['log', 'ARCHS', 'build_backbone', 'MiTSegmenter', 'MiTClassifier', 'load_pretrained', 'build_model', 'FinetuneConfig',
+           'load_config', 'finetune', 'make_demo_checkpoints']
 
 # %% ../nbs/05_finetune.ipynb #1de9789c
 ARCHS = MIT_ARCHS
@@ -89,13 +98,6 @@ class MiTSegmenter(nn.Module):
         aux = [head(m) for head, m in zip(self.aux[key], f.decoder)]
         return [out, coarse, *aux[::-1]]
 
-def deep_supervision_weights(n:int # number of outputs, finest first
-                            ) -> list[float]:
-    "nnU-Net's weights for `n` deep-supervision outputs: halves per level, the coarsest dropped, normalised to sum 1."
-    w = [0.5 ** i for i in range(n)]
-    if n > 2: w[-1] = 0.0
-    s = sum(w)
-    return [v / s for v in w]
 
 # %% ../nbs/05_finetune.ipynb #79c1f7e1
 class MiTClassifier(nn.Module):
@@ -223,3 +225,161 @@ def build_model(kind:str, # 'segmentation' or 'classification'
         log.info("initialised from %s checkpoint (%s): %d tensors, %d position embeddings resampled",
                  init, which, info['loaded'], len(info['resized']))
     return model
+
+# %% ../nbs/05_finetune.ipynb #a524eb52
+@dataclass
+class FinetuneConfig(Config):
+    "Settings of one fine-tuning run (see `load_config` for how protocol defaults are filled in)."
+    _what = 'fine-tuning config'
+    protocol:str = '' # one of `PROTOCOLS`
+    out_dir:str = 'runs/finetune' # metrics, per-case CSV, checkpoints, figures
+    data_root:str = '' # dataset folder; sample tasks: the sample cache ('' = `unimiss.samples.data_dir()`)
+    init:str = 'scratch' # 'scratch', 'unimiss' (unimiss pretraining checkpoint) or 'official' (authors' checkpoint)
+    checkpoint:str = '' # pretrained weights (init 'unimiss' / 'official')
+    which:str = 'teacher' # network of a teacher/student checkpoint
+    arch:str = 'small' # 'tiny', 'small' or 'micro' (smoke tests)
+    img_size:tuple[int, ...] = (224, 224) # network input / training crop: (H, W) or (D, H, W)
+    spacing:tuple[float, ...] = () # 3D: voxel size (x, y, z) in mm the CT is resampled to
+    label_fraction:float = 1.0 # fraction of the labelled training cases used
+    seed:int = 0 # model init, label-fraction subset, data order and augmentation
+    epochs:int = 100
+    iters_per_epoch:int = 0 # 0: one pass over the training cases per epoch
+    batch_size:int = 2
+    lr:float = 1e-4
+    weight_decay:float = 3e-5
+    lr_schedule:str = 'poly' # 'poly' (power 0.9, per iteration) or 'constant'
+    grad_clip:float = 0. # clip the gradient norm (0: off)
+    deep_supervision:bool = False # segmentation: supervise the coarser outputs too
+    drop_path_rate:float = 0.1
+    patience:int = 0 # early stopping after this many evaluations without improvement (0: off)
+    eval_every:int = 1 # evaluate on the validation split every this many epochs
+    sw_overlap:float = 0.5 # sliding-window overlap
+    sw_batch_size:int = 2 # windows per forward pass
+    num_workers:int = 0 # data-loading processes
+    cache:bool = True # keep read cases in memory (3D segmentation; sample tasks)
+    device:str = 'auto' # 'auto', 'cpu', 'cuda' or 'cuda:N'
+    precision:str = '32' # '32', 'bf16' (autocast) or 'fp16' (autocast + GradScaler, CUDA)
+    max_cases:int = 0 # at most this many cases per split (0: all), drawn with the seed (smoke runs, debugging)
+    smoke:bool = False # apply the protocol's smoke preset
+    progress:bool = True # tqdm progress bars
+    keep_last:bool = False # also keep `checkpoints/last.pt` (the last epoch); the selected `best.pt` is always kept
+    tensorboard:bool = False # also log loss and metrics per epoch to `out_dir/tensorboard` (needs `pip install tensorboard`)
+    options:dict = field(default_factory=dict) # protocol-specific settings (split files, sample-task knobs)
+
+    def _check(self) -> list[str]:
+        p = []
+        def need(ok, msg):
+            if not ok: p.append(msg)
+        need(self.protocol in PROTOCOLS, f"protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+        need(self.init in ('scratch', 'unimiss', 'official'), f"init must be 'scratch', 'unimiss' or 'official', got {self.init!r}")
+        need(self.init == 'scratch' or self.checkpoint, f"init={self.init!r} needs `checkpoint`")
+        need(self.init != 'scratch' or not self.checkpoint, "`checkpoint` is set but init='scratch'")
+        need(self.which in ('teacher', 'student'), f"which must be 'teacher' or 'student', got {self.which!r}")
+        try: self.arch = canonical_arch(self.arch)
+        except ValueError as e: p.append(str(e))
+        need(self.lr_schedule in ('poly', 'constant'), f"lr_schedule must be 'poly' or 'constant', got {self.lr_schedule!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(0 < self.label_fraction <= 1, f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        need(0 <= self.sw_overlap < 1, f"sw_overlap must be in [0, 1), got {self.sw_overlap}")
+        need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        for k in ('epochs', 'batch_size', 'eval_every', 'sw_batch_size'):
+            need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ('iters_per_epoch', 'patience', 'num_workers', 'max_cases', 'grad_clip', 'weight_decay'):
+            need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        if self.protocol in PROTOCOLS:
+            pr = PROTOCOLS[self.protocol]
+            d = pr.spatial_dims
+            mult = size_multiple(d, self.arch if self.arch in ARCHS else 'small')
+            need(len(self.img_size) == d and all(s > 0 and s % m == 0 for s, m in zip(self.img_size, mult))
+                 and math.prod(s // m for s, m in zip(self.img_size, mult)) >= 2,
+                 f"img_size must be {d} sizes, multiples of {mult} (the network's total stride), with at least two "
+                 f"cells on the coarsest grid (instance norm), got {self.img_size}")
+            need(d == 2 or (len(self.spacing) == 3 and all(s > 0 for s in self.spacing)),
+                 f"spacing must be three positive voxel sizes (x, y, z) in mm, got {self.spacing}")
+            unknown = sorted(set(self.options) - set(pr.options))
+            need(not unknown, f"unknown option(s) {unknown} for protocol {self.protocol!r}; valid: {sorted(pr.options)}")
+            need(not self.deep_supervision or pr.kind == 'segmentation', "deep_supervision is for segmentation protocols")
+            if not pr.classes and not unknown:  # a datalist protocol: the classes come from the options
+                need(self.options.get('datalist'), f"protocol {self.protocol!r} needs options.datalist (a JSON datalist file)")
+                try: datalist_classes(self)
+                except ValueError as e: p.append(str(e))
+        return p
+
+
+# %% ../nbs/05_finetune.ipynb #d818d8ff
+def load_config(source:FinetuneConfig|Mapping|str|Path, # config, dict, or YAML file
+               ) -> FinetuneConfig:
+    "A validated `FinetuneConfig`: protocol defaults, then the smoke preset (if `smoke`), then the given keys."
+    if isinstance(source, FinetuneConfig): return source
+    d = read_yaml(source) if isinstance(source, (str, Path)) else dict(source)
+    check_keys(d, list(FinetuneConfig.keys()), FinetuneConfig._what)
+    name = d.get('protocol')
+    if name not in PROTOCOLS: raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
+    pr = PROTOCOLS[name]
+    smoke = coerce(d.get('smoke', False), bool, 'smoke')
+    merged = {**pr.defaults, **(dict(SMOKE, **pr.smoke) if smoke else {}), **d}
+    opts = d.get('options') or {}
+    if not isinstance(opts, Mapping): raise ValueError(f"options: expected a mapping, got {opts!r}")
+    merged['options'] = {**pr.options, **(pr.smoke_options if smoke else {}), **opts}
+    return FinetuneConfig(**merged)
+
+# %% ../nbs/05_finetune.ipynb #0a8c45c5
+def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file (see `load_config`)
+            ) -> dict:
+    "Fine-tune and evaluate one protocol; writes the run's files to `out_dir` and returns its metrics."
+    cfg = load_config(config)
+    pr, out, t0 = protocol_of(cfg), Path(cfg.out_dir), time.perf_counter()
+    atomic_write(out / 'config.yaml', lambda t: t.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    seed_everything(cfg.seed, deterministic=True)
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    splits = get_splits(cfg)
+    counts = {k: len(v) for k, v in splits.items()}
+    log.info("%s: cases %s", cfg.protocol, counts)
+    reader = pr.reader(cfg) if pr.reader else None
+    in_ch = 3 if pr.spatial_dims == 2 else 1
+    train_tf = train_transform(pr.kind, pr.spatial_dims, cfg.img_size, pr.flip_axes)
+    train_tf.set_random_state(seed=cfg.seed)
+    train_ds = CaseDataset(splits['train'], reader, train_tf, cfg.cache, in_ch)
+    eval_ds = {k: CaseDataset(splits[k], reader, eval_transform(pr.kind, pr.spatial_dims, cfg.img_size), cfg.cache, in_ch)
+               for k in ('val', 'test') if k in splits}
+    model = build_model(pr.kind, pr.spatial_dims, pr.num_outputs, cfg.arch, cfg.img_size, cfg.init, cfg.checkpoint or None,
+                        cfg.which, cfg.deep_supervision, cfg.drop_path_rate).to(device)
+    history, best = train(model, pr, cfg, train_ds, eval_ds.get('val'), device, out)
+    final_split = 'test' if 'test' in eval_ds else 'val'
+    selected = 'best' if best['epoch'] is not None else 'last'
+    if selected == 'best':
+        model.load_state_dict(read_checkpoint(out / 'checkpoints' / 'best.pt', require=('model',), map_location=device)['model'])
+    t_eval = time.perf_counter()
+    summary, rows, extra = evaluate(model, pr, cfg, eval_ds[final_split], device)
+    metrics = dict(protocol=cfg.protocol, init=cfg.init, label_fraction=cfg.label_fraction, seed=cfg.seed,
+                   evaluated_on=final_split, model=selected, best_epoch=best['epoch'],
+                   epochs_run=len(history), cases=counts, **summary,
+                   train_seconds=round(best['seconds'], 2), eval_seconds=round(time.perf_counter() - t_eval, 2),
+                   total_seconds=round(time.perf_counter() - t0, 2))
+    atomic_write(out / 'metrics.json', lambda t: t.write_text(json.dumps(json_safe(metrics), indent=1)))
+    write_csv(out / 'cases.csv', rows)
+    write_csv(out / 'history.csv', history)
+    plot_history(history, pr.selection_metric, out / 'figures' / 'training_curves.png')
+    if pr.kind == 'classification': plot_roc(extra['labels'], extra['probs'], pr.classes, out / 'figures' / 'roc.png')
+    else: plot_overlays(extra['examples'], pr.classes, out / 'figures' / 'overlays.png', pr.multilabel)
+    log.info("%s (%s): %s", cfg.protocol, cfg.init, {k: metrics[k] for k in (pr.selection_metric, 'total_seconds') if k in metrics})
+    return metrics
+
+
+# %% ../nbs/05_finetune.ipynb #693e7b99
+def make_demo_checkpoints(folder:str|Path, # where to write `pretrain_checkpoint.pth` and the exported teacher
+                          arch:str='micro', # network size (see `unimiss.finetune.ARCHS`)
+                          img_size2d:int=224, img_size3d:Sequence[int]=(16, 96, 96), seed:int=0) -> dict:
+    "A randomly initialised 2D+3D MiT saved as a unimiss pretraining checkpoint and exported in both layouts (plumbing tests only)."
+    from unimiss.mit import MiT
+    from unimiss.pretrain import export_teacher   # pretrain imports this module
+    torch.manual_seed(seed)
+    mit = MiT(spatial_dims=(2, 3), img_size2d=img_size2d, img_size3d=tuple(img_size3d), **ARCHS[arch])
+    net = {f'backbone.{k}': v for k, v in mit.state_dict().items()}
+    ckpt = Path(folder) / 'pretrain_checkpoint.pth'
+    save_checkpoint(dict(teacher=net, student=net, epoch=0, config=dict(img_size_2d=img_size2d, img_size_3d=list(img_size3d))),
+                    ckpt, kind='pretrain')
+    exported = export_teacher(ckpt)
+    return dict(checkpoint=ckpt, unimiss=exported['unimiss'], official=exported['official'])
