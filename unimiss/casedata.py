@@ -6,7 +6,6 @@ Docs: https://unimiss.github.io/unimiss/casedata.html.md"""
 
 # %% ../nbs/05a_casedata.ipynb #1f230988
 from __future__ import annotations
-import logging
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
