@@ -1,4 +1,4 @@
-"""Load the UniMiSS authors' released weights into `MiT`, and write ours in their layout.
+"""The one checkpoint layer: the versioned unimiss checkpoint schema with its one writer and one reader, the one network selection and grid inference for every layout, and the UniMiSS authors' released weights loaded into `MiT` and written back in their layout.
 
 Docs: https://unimiss.github.io/unimiss/checkpoint.html.md"""
 

@@ -23,7 +23,7 @@ from .preprocess import load_volume, resample_array
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROTOCOLS', 'SMOKE', 'JSRT_STRUCTURES', 'BCV_ORGANS', 'CT_ORGANS', 'DRR_STRUCTURES', 'DATALIST_PROTOCOLS',
+__all__ = ['log', 'PROTOCOLS', 'SMOKE', 'BCV_ORGANS', 'JSRT_STRUCTURES', 'CT_ORGANS', 'DRR_STRUCTURES', 'DATALIST_PROTOCOLS',
            'Protocol', 'register', 'label_fraction_subset', 'read_split_list', 'bcv_cases', 'ricord_cases',
            'chestxr_cases', 'jsrt_cases', 'write_demo_dataset', 'sample_ct_paths', 'merge_labels', 'slab_bounds',
            'br35h_cases', 'insert_ggo', 'datalist_classes', 'protocol_of', 'get_splits']
@@ -115,6 +115,10 @@ def read_split_list(path:str|Path, # text file, one entry per line: `<path or id
 
 
 # %% ../nbs/05b_protocols.ipynb #59dafcc4
+BCV_ORGANS = ('background', 'spleen', 'right kidney', 'left kidney', 'gallbladder', 'esophagus', 'liver', 'stomach',
+              'aorta', 'inferior vena cava', 'portal and splenic vein', 'pancreas', 'right adrenal gland',
+              'left adrenal gland')
+
 def bcv_cases(root:str|Path, # BCV folder
               split_file:str='dataset.json', # Decathlon-style split, relative to `root`
              ) -> dict:
@@ -136,6 +140,8 @@ def bcv_cases(root:str|Path, # BCV folder
     if 'train' not in out: raise ValueError(f"{f} has no 'training' list")
     return out
 
+
+# %% ../nbs/05b_protocols.ipynb #044910e4
 def _listed_cases(root:Path, lists:Mapping, num_classes:int, label_offset:int=0, prefix:Sequence[str]|None=None) -> dict:
     out = {}
     for split, lst in lists.items():
@@ -182,64 +188,6 @@ def jsrt_cases(root:str|Path, # folder holding `Images/` and `Masks/`
                       for i, _ in read_split_list(f)]
     return out
 
-
-# %% ../nbs/05b_protocols.ipynb #01f8e1d5
-BCV_ORGANS = ('background', 'spleen', 'right kidney', 'left kidney', 'gallbladder', 'esophagus', 'liver', 'stomach',
-              'aorta', 'inferior vena cava', 'portal and splenic vein', 'pancreas', 'right adrenal gland',
-              'left adrenal gland')
-
-def _root(cfg) -> Path:
-    if not cfg.data_root: raise ValueError(f"protocol {cfg.protocol!r} needs `data_root` (the dataset folder)")
-    root = Path(cfg.data_root)
-    if not root.is_dir(): raise FileNotFoundError(f"data_root {root} is not a folder")
-    return root
-
-register(Protocol(
-    'bcv', 'segmentation', 3, BCV_ORGANS,
-    splits=lambda cfg: bcv_cases(_root(cfg), cfg.options['split_file']),
-    reader=lambda cfg: functools.partial(_read_ct, spacing=cfg.spacing, num_classes=len(BCV_ORGANS),
-                                         hu_window=cfg.options['hu_window']),
-    description="BCV/BTCV multi-organ CT segmentation (13 organs)",
-    defaults=dict(img_size=(48, 192, 192), spacing=(1.5, 1.5, 2.0), epochs=100, iters_per_epoch=250, batch_size=2, lr=1e-4,
-                  weight_decay=3e-5, lr_schedule='poly', grad_clip=12., deep_supervision=True, sw_overlap=0.5),
-    smoke=dict(img_size=(16, 64, 64), spacing=(6.0, 6.0, 6.0), deep_supervision=True),
-    options=dict(split_file='dataset.json', hu_window=None)))
-
-register(Protocol(
-    'ricord', 'classification', 3, ('COVID-negative', 'COVID-positive'),
-    splits=lambda cfg: ricord_cases(_root(cfg), cfg.options['train_list'], cfg.options['val_list'], cfg.options['test_list'],
-                                    cfg.options['list_prefix']),
-    reader=lambda cfg: functools.partial(_read_ct, spacing=cfg.spacing, hu_window=cfg.options['hu_window']),
-    description="MIDRC-RICORD COVID-19 CT classification (1A vs 1B)",
-    defaults=dict(img_size=(64, 128, 128), spacing=(2.0, 2.0, 2.0), epochs=200, iters_per_epoch=64, batch_size=8, lr=1e-5,
-                  weight_decay=5e-3, lr_schedule='constant', patience=30, cache=False),
-    smoke=dict(img_size=(16, 64, 64), spacing=(8.0, 8.0, 8.0)),
-    options=dict(train_list='lists/RICORD_train.txt', val_list='lists/RICORD_val.txt', test_list='lists/RICORD_test.txt',
-                 list_prefix=['data_nii_v0/', 'RICORD_nii/'], hu_window=None)))
-
-register(Protocol(
-    'jsrt', 'segmentation', 2, JSRT_STRUCTURES, multilabel=True, jaccard=True,
-    splits=lambda cfg: jsrt_cases(_root(cfg), cfg.options['train_list'], cfg.options['val_list'], cfg.options['test_list']),
-    reader=lambda cfg: functools.partial(read_xray_case, size=cfg.img_size),
-    description="JSRT/SCR chest X-ray segmentation of clavicles, heart and lungs (multi-label)",
-    defaults=dict(img_size=(224, 224), epochs=200, iters_per_epoch=50, batch_size=32, lr=1e-4, weight_decay=3e-5,
-                  lr_schedule='poly', sw_batch_size=8),
-    smoke=dict(img_size=(64, 64)),
-    options=dict(train_list='Training_seg_all.txt', val_list=None, test_list='Test_seg.txt')))
-
-register(Protocol(
-    'chestxr', 'classification', 2, ('normal', 'pneumonia', 'COVID-19'),
-    splits=lambda cfg: chestxr_cases(_root(cfg), cfg.options['train_list'], cfg.options['val_list'], cfg.options['test_list']),
-    reader=lambda cfg: functools.partial(read_xray_case, size=cfg.img_size),
-    description="ChestXR COVID-19 challenge: normal / pneumonia / COVID-19 chest X-rays",
-    defaults=dict(img_size=(224, 224), epochs=30, iters_per_epoch=0, batch_size=32, lr=1e-4, weight_decay=3e-5,
-                  lr_schedule='poly', cache=False),
-    smoke=dict(img_size=(64, 64)),
-    options=dict(train_list='CXR_Covid-19_Challenge_train_all.txt', val_list=None,
-                 test_list='CXR_Covid-19_Challenge_test.txt')))
-
-def _read_ct(case, spacing, num_classes=None, hu_window=None):
-    return read_ct_case(case, spacing, num_classes, hu_window)
 
 # %% ../nbs/05b_protocols.ipynb #5000d3ba
 def write_demo_dataset(protocol:str, # 'bcv', 'ricord', 'jsrt' or 'chestxr'
@@ -294,6 +242,60 @@ def write_demo_dataset(protocol:str, # 'bcv', 'ricord', 'jsrt' or 'chestxr'
             lines(f, rows)
     else: raise ValueError(f"no demo layout for protocol {protocol!r}; choose from bcv, ricord, jsrt, chestxr")
     return root
+
+# %% ../nbs/05b_protocols.ipynb #01f8e1d5
+def _root(cfg) -> Path:
+    if not cfg.data_root: raise ValueError(f"protocol {cfg.protocol!r} needs `data_root` (the dataset folder)")
+    root = Path(cfg.data_root)
+    if not root.is_dir(): raise FileNotFoundError(f"data_root {root} is not a folder")
+    return root
+
+register(Protocol(
+    'bcv', 'segmentation', 3, BCV_ORGANS,
+    splits=lambda cfg: bcv_cases(_root(cfg), cfg.options['split_file']),
+    reader=lambda cfg: functools.partial(_read_ct, spacing=cfg.spacing, num_classes=len(BCV_ORGANS),
+                                         hu_window=cfg.options['hu_window']),
+    description="BCV/BTCV multi-organ CT segmentation (13 organs)",
+    defaults=dict(img_size=(48, 192, 192), spacing=(1.5, 1.5, 2.0), epochs=100, iters_per_epoch=250, batch_size=2, lr=1e-4,
+                  weight_decay=3e-5, lr_schedule='poly', grad_clip=12., deep_supervision=True, sw_overlap=0.5),
+    smoke=dict(img_size=(16, 64, 64), spacing=(6.0, 6.0, 6.0), deep_supervision=True),
+    options=dict(split_file='dataset.json', hu_window=None)))
+
+register(Protocol(
+    'ricord', 'classification', 3, ('COVID-negative', 'COVID-positive'),
+    splits=lambda cfg: ricord_cases(_root(cfg), cfg.options['train_list'], cfg.options['val_list'], cfg.options['test_list'],
+                                    cfg.options['list_prefix']),
+    reader=lambda cfg: functools.partial(_read_ct, spacing=cfg.spacing, hu_window=cfg.options['hu_window']),
+    description="MIDRC-RICORD COVID-19 CT classification (1A vs 1B)",
+    defaults=dict(img_size=(64, 128, 128), spacing=(2.0, 2.0, 2.0), epochs=200, iters_per_epoch=64, batch_size=8, lr=1e-5,
+                  weight_decay=5e-3, lr_schedule='constant', patience=30, cache=False),
+    smoke=dict(img_size=(16, 64, 64), spacing=(8.0, 8.0, 8.0)),
+    options=dict(train_list='lists/RICORD_train.txt', val_list='lists/RICORD_val.txt', test_list='lists/RICORD_test.txt',
+                 list_prefix=['data_nii_v0/', 'RICORD_nii/'], hu_window=None)))
+
+register(Protocol(
+    'jsrt', 'segmentation', 2, JSRT_STRUCTURES, multilabel=True, jaccard=True,
+    splits=lambda cfg: jsrt_cases(_root(cfg), cfg.options['train_list'], cfg.options['val_list'], cfg.options['test_list']),
+    reader=lambda cfg: functools.partial(read_xray_case, size=cfg.img_size),
+    description="JSRT/SCR chest X-ray segmentation of clavicles, heart and lungs (multi-label)",
+    defaults=dict(img_size=(224, 224), epochs=200, iters_per_epoch=50, batch_size=32, lr=1e-4, weight_decay=3e-5,
+                  lr_schedule='poly', sw_batch_size=8),
+    smoke=dict(img_size=(64, 64)),
+    options=dict(train_list='Training_seg_all.txt', val_list=None, test_list='Test_seg.txt')))
+
+register(Protocol(
+    'chestxr', 'classification', 2, ('normal', 'pneumonia', 'COVID-19'),
+    splits=lambda cfg: chestxr_cases(_root(cfg), cfg.options['train_list'], cfg.options['val_list'], cfg.options['test_list']),
+    reader=lambda cfg: functools.partial(read_xray_case, size=cfg.img_size),
+    description="ChestXR COVID-19 challenge: normal / pneumonia / COVID-19 chest X-rays",
+    defaults=dict(img_size=(224, 224), epochs=30, iters_per_epoch=0, batch_size=32, lr=1e-4, weight_decay=3e-5,
+                  lr_schedule='poly', cache=False),
+    smoke=dict(img_size=(64, 64)),
+    options=dict(train_list='CXR_Covid-19_Challenge_train_all.txt', val_list=None,
+                 test_list='CXR_Covid-19_Challenge_test.txt')))
+
+def _read_ct(case, spacing, num_classes=None, hu_window=None):
+    return read_ct_case(case, spacing, num_classes, hu_window)
 
 # %% ../nbs/05b_protocols.ipynb #68141025
 CT_ORGANS = {'lungs': 'lung_*', 'heart': 'heart', 'aorta': 'aorta', 'liver': 'liver', 'spleen': 'spleen',
