@@ -15,9 +15,9 @@ from unimiss.mit import MIT_ARCHS, MiT
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _mit(seed=0):
+def _mit(seed=0, dims=(2, 3)):
     torch.manual_seed(seed)
-    return MiT(spatial_dims=(2, 3), img_size2d=64, img_size3d=(16, 64, 64), **MIT_ARCHS['tiny'])
+    return MiT(spatial_dims=dims, img_size2d=64, img_size3d=(16, 64, 64), **MIT_ARCHS['tiny'])
 
 
 def _same(a, b) -> bool:
@@ -56,7 +56,7 @@ def test_version_0_files_still_load(tmp_path):
 
 
 def test_newer_version_is_refused_by_name(tmp_path):
-    p = save_checkpoint(dict(state_dict=_mit().state_dict()), tmp_path / 'new.pth', kind='backbone')
+    p = save_checkpoint(dict(state_dict=_mit(dims=(2,)).state_dict()), tmp_path / 'new.pth', kind='backbone')
     torch.save(dict(read_checkpoint(p), schema_version=SCHEMA_VERSION + 1), p)
     for load in (read_checkpoint, load_backbone, lambda f: load_pretrained(build_backbone(2, 'micro', 64), f)):
         with pytest.raises(CheckpointVersionError, match=f"new.pth: checkpoint schema_version {SCHEMA_VERSION + 1} is newer"):
@@ -72,7 +72,7 @@ def test_newer_version_is_refused_by_name(tmp_path):
 
 def test_one_selection_for_every_loader(tmp_path):
     "student/teacher picked the same way by `select_network`, `load_official`, `load_backbone` and `load_pretrained`."
-    teacher, student = _mit(0), _mit(1)
+    teacher, student = _mit(0, (2,)), _mit(1, (2,))   # 2D only: the selection does not depend on the modality
     path = save_checkpoint(to_official_checkpoint(teacher, {}, student, {}, epoch=3), tmp_path / 'official.pth', kind='official')
     assert all(k.startswith('module.') for k in read_checkpoint(path)['student'])
     for which, ref in (('teacher', teacher), ('student', student)):
