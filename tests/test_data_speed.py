@@ -118,3 +118,26 @@ def test_gzip_fallback_without_isal(tmp_path, monkeypatch):
     plain = read_all()
     np.testing.assert_array_equal(fast.pop("good"), plain.pop("good"))
     assert fast == plain == {"truncated": "EOFError", "corrupt": "BadGzipFile"}
+
+
+def test_gzip_nifti_reader_agrees_with_nibabel(tmp_path):
+    "The one-call reader (header by nibabel, voxels a view of the decoded bytes) against `nib.load` on NIfTI variants."
+    import nibabel as nib
+    vol = phantom_ct((20, 18, 6), seed=3)
+    variants = {"nifti1": nib.Nifti1Image(vol, np.eye(4)), "nifti2": nib.Nifti2Image(vol, np.eye(4)),
+                "float_big_endian": nib.Nifti1Image(vol.astype(">f4"), np.eye(4)),
+                "4d_single": nib.Nifti1Image(vol[..., None], np.eye(4))}
+    scaled = nib.Nifti1Image(vol, np.eye(4))
+    scaled.header.set_slope_inter(0.5, -3.0)
+    scaled.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"an extension shifts the voxel offset"))
+    variants["scaled_with_extension"] = scaled
+    for name, img in variants.items():
+        nib.save(img, tmp_path / f"{name}.nii.gz")
+        ref = nib.load(tmp_path / f"{name}.nii.gz")
+        raw, slope, inter = data.open_volume(tmp_path / f"{name}.nii.gz")
+        np.testing.assert_array_equal(raw, np.asanyarray(ref.dataobj.get_unscaled()).reshape(vol.shape).transpose(2, 0, 1))
+        assert (slope, inter) == (float(ref.dataobj.slope), float(ref.dataobj.inter)), name
+    header_and_some_voxels = gzip.decompress((tmp_path / "nifti1.nii.gz").read_bytes())[:600]
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(header_and_some_voxels))  # a valid gzip of a cut NIfTI
+    with pytest.raises(data.BadImageError, match="short.nii.gz: cannot read NIfTI volume"):
+        data.open_volume(tmp_path / "short.nii.gz")

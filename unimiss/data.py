@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import logging
 import math
 import os
@@ -417,19 +418,22 @@ try:  # python-isal (`pip install "unimiss[fast]"`): the same gzip streams and e
 except ImportError:
     _gzip = gzip
 
-def _load_nifti(path:Path):
-    "nibabel image of `path`; small `.nii.gz` files are decompressed in one call (isal when installed, else zlib)."
-    if not path.name.endswith(".gz") or path.stat().st_size > _ONE_SHOT_GZIP_BYTES:
-        return nib.load(path)
-    data = _gzip.decompress(path.read_bytes())
-    nifti2 = data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # sizeof_hdr 540, either byte order
-    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(data)
-
 def _nifti_raw(path:Path) -> tuple:
     "Open a NIfTI file lazily: (unscaled (x, y, z) array in the on-disk dtype, slope, intercept)."
-    img = _load_nifti(path)
-    raw = np.asanyarray(img.dataobj.get_unscaled())
-    slope, inter = img.dataobj.slope, img.dataobj.inter
+    if path.name.endswith(".gz") and path.stat().st_size <= _ONE_SHOT_GZIP_BYTES:
+        # one decompression call (isal when installed, else zlib), then the array is a view of the decoded bytes:
+        # nibabel parses the header; going through `Nifti1Image.from_bytes` would copy the voxels once more
+        data = _gzip.decompress(path.read_bytes())
+        nifti2 = data[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # sizeof_hdr 540, either byte order
+        header = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(io.BytesIO(data))
+        raw = np.ndarray(header.get_data_shape(), header.get_data_dtype(), buffer=data,
+                         offset=int(header.get_data_offset()), order="F")  # raises if the file is too short
+        slope, inter = header.get_slope_inter()  # (None, None) for "no scaling", as nibabel's ArrayProxy reads it
+        slope, inter = 1.0 if slope is None else slope, 0.0 if inter is None else inter
+    else:
+        img = nib.load(path)
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+        slope, inter = img.dataobj.slope, img.dataobj.inter
     if not (np.isfinite(slope) and np.isfinite(inter)):
         raise BadImageError(path, f"non-finite scaling (scl_slope={slope}, scl_inter={inter})")
     if raw.ndim == 4 and raw.shape[3] == 1:
