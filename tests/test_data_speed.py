@@ -141,3 +141,14 @@ def test_gzip_nifti_reader_agrees_with_nibabel(tmp_path):
     (tmp_path / "short.nii.gz").write_bytes(gzip.compress(header_and_some_voxels))  # a valid gzip of a cut NIfTI
     with pytest.raises(data.BadImageError, match="short.nii.gz: cannot read NIfTI volume"):
         data.open_volume(tmp_path / "short.nii.gz")
+
+
+def test_base_crop_one_pass_path_is_exact(tmp_path):
+    "The one-pass base crop (integers, no scaling, no window, no padding) gives the bits of the general path."
+    f = write_nifti(tmp_path / "ct.nii.gz", phantom_ct((200, 180, 20), seed=1))
+    for cache in (None, tmp_path / "cache"):
+        fast = data.Dataset3D([f], seed=0, cache_dir=cache)
+        general = data.Dataset3D([f], seed=0, cache_dir=cache, hu_window=(-1e9, 1e9))  # a window that clips nothing
+        for seed in range(3):
+            a, b = (ds.base_crop(f, np.random.default_rng(seed)) for ds in (fast, general))
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)

@@ -927,6 +927,10 @@ class Dataset3D(MultiViewDataset):
         if raw.shape[1] < self.img_size[1] or raw.shape[2] < self.img_size[2]:
             self._warn_small(path, raw.shape)
         scaled = slope != 1.0 or inter != 0.0
+        inside = all(s.stop - s.start == n for s, n in zip(src, sides))
+        if inside and not scaled and self.hu_window is None and raw.dtype.kind in "iu":
+            # the usual case in one pass: the same float32 division as below, without the intermediate copy
+            return torch.from_numpy(np.divide(raw[src], np.float32(self.hu_scale), dtype=np.float32))
         with np.errstate(over="ignore", invalid="ignore"):
             region = raw[src].astype(np.float32)
             if scaled:
