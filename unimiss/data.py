@@ -711,12 +711,12 @@ def augment_ct_intensity(x:torch.Tensor, # (C, H, W) block of C slices, network 
     if rng.random() < view.p_blur:
         on = rng.random(c) <= view.p_blur_slice
         if on.any():
-            sigma = rng.uniform(*view.blur_sigma, c)
+            blur_sigma = rng.uniform(*view.blur_sigma, c)
             if on.all():
-                x = blur_channels(x, sigma)
+                x = blur_channels(x, blur_sigma)
             else:  # only the chosen slices (the others would be multiplied by identity matrices)
                 idx = torch.from_numpy(np.flatnonzero(on))
-                x[idx] = blur_channels(x[idx], sigma[on])
+                x[idx] = blur_channels(x[idx], blur_sigma[on])
     if rng.random() < view.p_mult:
         x.mul_(per_slice(rng.uniform(*view.mult_range, c)))
     if rng.random() < view.p_add:
