@@ -224,9 +224,31 @@ def test_slice_viewer_builds_a_widget():
         slice_viewer(vol, labels=np.zeros((6, 16, 15)))
 
 
-def test_bench_script_prints_json():
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_data.py"), "--n", "2", "--epochs", "1", "--json"],
-                         capture_output=True, text=True, check=True, timeout=300)
+def test_bench_script_prints_json(tmp_path):
+    "bench_data.py against a stand-in for the official loaders (same constructors, same view shapes): ratios in one run."
+    fake = tmp_path / "UniMiSS"
+    fake.mkdir()
+    for dims, shape in ((3, "(1, 16, 96, 96)"), (2, "(3, 224, 224)")):
+        (fake / f"data_loader{dims}D.py").write_text(
+            "import torch\n"
+            f"class Dataset{dims}D:\n"
+            f"    def __init__(self, root, list_path, crop_size_{dims}D=None):\n"
+            "        self.n = len(open(root + list_path).read().split())\n"
+            "    def __len__(self): return self.n\n"
+            "    def __getitem__(self, i):\n"
+            "        sum(range(300_000))  # some CPU work, so that the ratios are finite\n"
+            f"        return [torch.zeros{shape}, torch.zeros{shape}]\n")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "bench_data.py"), "--n", "2", "--rounds", "2", "--json",
+                          "--official", str(fake), "--out", str(tmp_path / "r.jsonl")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("dataset3d_wall", "dataset3d_cached_cpu", "dataset2d_cpu", "speedup3d_cpu", "speedup2d_wall"):
-        assert result[key] > 0
+    assert json.loads((tmp_path / "r.jsonl").read_text()) == result
+    for key in ("ours3d_wall", "ours3d_cached_cpu", "ours2d_cpu", "official3d_cpu", "speedup_ours3d_cpu",
+                "speedup_ours3d_cached_wall", "speedup_ours2d_cpu", "cache_first_epoch_s"):
+        assert result[key] > 0, key
+    assert result["workers_per_gpu_ours3d"] == -(-216 // result["ours3d_cpu"])
+    assert set(result["ours3d_stages_cpu"]) == {"decode_ms", "decode_and_base_crop_ms", "cached_base_crop_ms", "two_views_ms"}
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "bench_data.py"), "--official", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "data_loader3D.py not found" in bad.stderr
