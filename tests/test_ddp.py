@@ -20,11 +20,9 @@ TINY = dict(arch='micro', img_size_2d=64, img_size_3d=[16, 64, 64], out_dim=64, 
 PLUS = TINY | dict(objective='unimiss_plus', arch='plus_micro', clip_grad=0.)
 
 
-def worker(out:Path, plus:bool=False):
-    "One rank: train, then save this rank's networks, centre and every teacher output the centre was fed."
-    from unimiss import pretrain as P
+def recording(P):
+    "Lists that fill with every teacher output the loss centre is fed and with every trainer `pretrain` builds."
     from unimiss.ssl import DINOLoss
-    if plus: return plus_worker(out, P, DINOLoss)
     fed, trainers = [], []
     update = DINOLoss.update_center
     def recording_update(self, teacher_output):
@@ -36,27 +34,25 @@ def worker(out:Path, plus:bool=False):
         init(self, *a, **k)
         trainers.append(self)
     P.SelfDistillation.__init__ = keep
+    return fed, trainers
+
+
+def worker(out:Path, plus:bool=False):
+    "One rank: train, then save this rank's networks, centre and every teacher output the centre was fed."
+    from unimiss import pretrain as P
+    if plus: return plus_worker(out, P)
+    fed, trainers = recording(P)
     res = P.pretrain(P.load_config(TINY | dict(output_dir=str(out/'run'))))
     sd, rank = trainers[0], int(os.environ['RANK'])
     torch.save(dict(student=sd.student.state_dict(), teacher=sd.teacher.state_dict(), center=sd.loss.center,
                     fed=fed, distributed=type(sd.model).__name__, iteration=res['iteration']), out/f'rank{rank}.pt')
 
 
-def plus_worker(out:Path, P, DINOLoss):
+def plus_worker(out:Path, P):
     "UniMiSS+ rank: an uninterrupted run, then the same run stopped after one epoch and resumed, in one process group."
     import torch.distributed as dist
     dist.init_process_group('gloo')  # `pretrain` uses an existing group as it is, so it can run twice
-    fed, trainers = [], []
-    update = DINOLoss.update_center
-    def recording_update(self, teacher_output):
-        fed.append(teacher_output.detach().clone())
-        return update(self, teacher_output)
-    DINOLoss.update_center = recording_update
-    init = P.SelfDistillation.__init__
-    def keep(self, *a, **k):
-        init(self, *a, **k)
-        trainers.append(self)
-    P.SelfDistillation.__init__ = keep
+    fed, trainers = recording(P)
     res = P.pretrain(P.load_config(PLUS | dict(output_dir=str(out/'run'))))
     sd, rank, straight_fed = trainers[0], dist.get_rank(), list(fed)
     P.pretrain(P.load_config(PLUS | dict(output_dir=str(out/'split'), epochs_per_run=1)))
