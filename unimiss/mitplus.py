@@ -169,16 +169,11 @@ class MiTPlus(nn.Module):
         self.apply(_init_weights)
         for p in self.parameters_of(nn.ParameterDict): nn.init.trunc_normal_(p, std=.02)
         nn.init.trunc_normal_(self.stages[0].cls_token, std=.02)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # the stem convs and the reconstruction head read it; stages hold their own
 
-    def set_grad_checkpointing(self, enable:bool=True):
-        "Keep only the inputs of the stem convs, patch embeddings, blocks and reconstruction head; recompute the rest in backward."
-        self.grad_checkpointing = enable
-        for stage in [*self.stages, *self.decoder_stages]: stage.grad_checkpointing = enable
-        return self
-
-    # the input checks and parameter queries are MiT's
+    # the input checks, parameter queries and `set_grad_checkpointing` (same stage attributes) are MiT's
     parameters_of, dim_specific_parameters, expected_shape = MiT.parameters_of, MiT.dim_specific_parameters, MiT.expected_shape
+    set_grad_checkpointing = MiT.set_grad_checkpointing
 
     @staticmethod
     def size_multiple(d:int) -> tuple:
