@@ -1,5 +1,6 @@
 """Smoke run of the UniMiSS+ objective through the pretraining entry point (`objective: unimiss_plus`): a CT+DRR
-epoch and an X-ray epoch of a small MiT+ on synthetic data, per-term logs, exact resume, and the config checks."""
+epoch and an X-ray epoch of a small MiT+ on synthetic data, per-term logs, exact resume (also with masked
+reconstruction), the official epoch plan, and the config checks."""
 import pytest
 import torch
 
@@ -15,25 +16,49 @@ def plus(tmp, **kw):
     return load_config(PLUS | dict(output_dir=str(tmp)) | kw)
 
 
-def test_smoke_run_logs_every_term_and_resumes_exactly(tmp_path):
-    straight = pretrain(plus(tmp_path/'straight', epochs=2))
-    pretrain(plus(tmp_path/'split', epochs=2, epochs_per_run=1))
-    split = pretrain(plus(tmp_path/'split', epochs=2))
+@pytest.mark.parametrize("mask", [0., 0.5])
+def test_smoke_run_logs_every_term_and_resumes_exactly(tmp_path, mask):
+    straight = pretrain(plus(tmp_path/'straight', epochs=2, recon_mask_ratio=mask))
+    pretrain(plus(tmp_path/'split', epochs=2, epochs_per_run=1, recon_mask_ratio=mask))
+    split = pretrain(plus(tmp_path/'split', epochs=2, recon_mask_ratio=mask))
     assert straight['finished'] and split['finished'] and 'teacher' in straight
-    log = {r['dim']: r for r in read_log(straight['log']) if r['type'] == 'epoch'}
-    assert sorted(log) == [2, 3]              # one X-ray epoch and one CT+DRR epoch (the UniMiSS plan: 2D first)
+    epochs = [r for r in read_log(straight['log']) if r['type'] == 'epoch']
+    assert [r['dim'] for r in epochs] == [3, 2]   # the official UniMiSS+ plan: a CT+DRR epoch first, then X-rays
+    log = {r['dim']: r for r in epochs}
     assert {'loss_ct', 'loss_drr', 'loss_slices', 'loss_re_ct', 'loss_re_drr'} <= set(log[3])
     assert {'loss_2d', 'loss_re_2d'} <= set(log[2])
     log = list(log.values())
     assert all(torch.isfinite(torch.tensor(v)) for r in log for k, v in r.items() if k.startswith('loss'))
     a, b = load_checkpoint(straight['checkpoint']), load_checkpoint(split['checkpoint'])
-    for k in a['student']:
-        assert torch.equal(a['student'][k], b['student'][k]), k
+    for net in ('student', 'teacher'):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    if mask: return
     assert any(k.startswith('backbone.recon.') for k in a['teacher'])   # the reconstruction head is trained and kept
     # the exported teacher is in the authors' UniMissPlus layout and loads back strictly, bit-exactly
     m = load_official_plus(straight['teacher']['official'], **MITPLUS_ARCHS['plus_micro'])
     for k, v in m.state_dict().items():
         assert torch.equal(v, a['teacher']['backbone.' + k]), k
+
+
+@pytest.mark.parametrize("length, first, iters", [("auto", 0, [2, 2, 2]), ("own", 0, [2, 1, 2]),
+                                                  ("own", 2, [1, 2, 1])])
+def test_epoch_plan_as_officially_run(tmp_path, length, first, iters):
+    """By default a UniMiSS+ run starts with a CT+DRR epoch and an X-ray epoch runs as many iterations as a CT
+    epoch (2 CT items at batch 1; 2 X-rays at batch 2 make one X-ray batch, drawn twice); both are options."""
+    res = pretrain(plus(tmp_path, epochs=3, synthetic=2, epoch_length_2d=length, first_dim=first, freeze_last_layer=0))
+    epochs = [r for r in read_log(res['log']) if r['type'] == 'epoch']
+    dims = [3, 2, 3] if first in (0, 3) else [2, 3, 2]
+    assert [r['dim'] for r in epochs] == dims
+    assert [b['iteration'] - a for a, b in zip([0] + [r['iteration'] for r in epochs], epochs)] == iters
+
+
+def test_unimiss_keeps_its_own_plan():
+    cfg = load_config(arch='micro')
+    assert cfg.plan_first_dim == 2 and not cfg.ct_length_2d
+    plus_cfg = load_config(PLUS)
+    assert plus_cfg.plan_first_dim == 3 and plus_cfg.ct_length_2d
+    assert not load_config(PLUS | dict(use_2d=False)).ct_length_2d
 
 
 def test_config_checks():
@@ -43,6 +68,13 @@ def test_config_checks():
         load_config(PLUS | dict(objective='unimis'))
     with pytest.raises(ValueError, match="weight_drr must be >= 0"):
         load_config(PLUS | dict(weight_drr=-1))
+    with pytest.raises(ValueError, match="epoch_length_2d must be"):
+        load_config(PLUS | dict(epoch_length_2d='3d'))
+    with pytest.raises(ValueError, match="first_dim must be"):
+        load_config(PLUS | dict(first_dim=1))
+    with pytest.raises(ValueError, match="recon_loss_pixels must be"):
+        load_config(PLUS | dict(recon_loss_pixels='some'))
+    assert load_config(PLUS | dict(grad_checkpointing=True)).grad_checkpointing   # MiT+ recomputes blocks too
 
 
 def test_ct_drr_pairs_from_files(tmp_path):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .mit import (CONV, CONV_T, ConvNormAct, Block, EncoderStage, EncoderOutput, FeatureOutput, MiT,
-                         dim_key, map_to_tokens, tokens_to_map, resize_pos_embed, run_blocks, _as_tuple, _init_weights)
+                         dim_key, map_to_tokens, maybe_checkpoint, tokens_to_map, resize_pos_embed, run_blocks, _as_tuple, _init_weights)
 from .checkpoint import (_depths, _rename, compile_key_rules, infer_img_sizes, load_unimiss_state,
                                 official_head_to_unimiss, official_to_unimiss, split_official, to_official_checkpoint,
                                 to_official_state_dict)
@@ -56,15 +56,16 @@ class PlusDecoderStage(nn.Module):
         dp = list(drop_path) or [0.] * depth
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims,
                                            sr_depthwise=True) for i in range(depth)])
+        self.grad_checkpointing = False  # see `MiTPlus.set_grad_checkpointing`
 
     def forward(self, x, skip, return_attn=False):
         "`x`: (B, C_in, *grid), `skip`: encoder map on the up-sampled grid → (tokens (B, N, C), grid, attention)."
         key = dim_key(x.ndim - 2)
-        x = self.up[key](x)
+        x = maybe_checkpoint(self.up[key], x, enable=self.grad_checkpointing)
         grid = tuple(x.shape[2:])
         t = map_to_tokens(x) + map_to_tokens(skip)
         t = t + resize_pos_embed(self.pos_embed[key], self.pos_grids[key], grid, num_prefix_tokens=0)
-        t, attn = run_blocks(self.blocks, t, grid, return_attn)
+        t, attn = run_blocks(self.blocks, t, grid, return_attn, checkpoint=self.grad_checkpointing)
         return t, grid, attn
 
 # %% ../nbs/00a_mitplus.ipynb #ad1fc16b
@@ -168,9 +169,11 @@ class MiTPlus(nn.Module):
         self.apply(_init_weights)
         for p in self.parameters_of(nn.ParameterDict): nn.init.trunc_normal_(p, std=.02)
         nn.init.trunc_normal_(self.stages[0].cls_token, std=.02)
+        self.grad_checkpointing = False  # the stem convs and the reconstruction head read it; stages hold their own
 
-    # the input checks and parameter queries are MiT's
+    # the input checks, parameter queries and `set_grad_checkpointing` (same stage attributes) are MiT's
     parameters_of, dim_specific_parameters, expected_shape = MiT.parameters_of, MiT.dim_specific_parameters, MiT.expected_shape
+    set_grad_checkpointing = MiT.set_grad_checkpointing
 
     @staticmethod
     def size_multiple(d:int) -> tuple:
@@ -195,7 +198,7 @@ class MiTPlus(nn.Module):
         self.check_input(x)
         maps, cls, attns = [], None, [] if return_attn else None
         for layer in self.stem[dim_key(x.ndim - 2)]:
-            x = layer(x)
+            x = maybe_checkpoint(layer, x, enable=self.grad_checkpointing)
             maps.append(x)
         for stage in self.stages:
             cls, x, attn = stage(x, cls, return_attn)
@@ -222,7 +225,8 @@ class MiTPlus(nn.Module):
         "Reconstruction logits and the encoder CLS token from one pass (the official `MiTnet.forward`)."
         if not self.decoder_stages: raise ValueError("an encoder-only MiTPlus (decoder=False) cannot reconstruct")
         enc = self.forward_encoder(x)
-        return ReconstructionOutput(self.recon(self._decode(enc.maps)[-1], enc.maps[:2]), enc.cls)
+        image = maybe_checkpoint(self.recon, self._decode(enc.maps)[-1], enc.maps[:2], enable=self.grad_checkpointing)
+        return ReconstructionOutput(image, enc.cls)
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         "`x`: (B, 3, H, W) X-ray or (B, 1, D, H, W) CT → (B, `embed_dim`) encoder CLS embedding."

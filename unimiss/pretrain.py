@@ -10,6 +10,7 @@ import argparse
 import copy
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -48,9 +49,9 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'ARCHS', 'PretrainConfig', 'load_config', 'epoch_plan', 'SyntheticViews', 'view_shape', 'build_datasets',
-           'make_loader', 'seed_epoch', 'SelfDistillation', 'copy_checkpoint', 'load_checkpoint', 'rng_state',
-           'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log', 'init_distributed', 'build_backbone',
-           'pretrain', 'parse_args', 'main']
+           'make_loader', 'seed_epoch', 'epoch_batches', 'SelfDistillation', 'copy_checkpoint', 'load_checkpoint',
+           'rng_state', 'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log', 'init_distributed',
+           'build_backbone', 'pretrain', 'parse_args', 'main']
 
 # %% ../nbs/04_pretrain.ipynb #544c62dc
 ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro,
@@ -102,6 +103,12 @@ class PretrainConfig(Config):
     weight_drr:float = 0.5 # UniMiSS+: weight of H(CT → DRR)
     weight_slices:float = 0.1 # UniMiSS+: weight of H(CT → slices)
     weight_recon:float = 5. # UniMiSS+: weight of each reconstruction MSE
+    recon_mask_ratio:float = 0. # UniMiSS+: fraction of patches hidden from the student's reconstructed inputs (0: none, official)
+    recon_mask_patch:int = 8 # UniMiSS+: side, in pixels (voxels), of a hidden patch
+    recon_loss_pixels:str = 'masked' # UniMiSS+ with masking: reconstruction MSE over the 'masked' pixels or 'all'
+    # epoch plan
+    first_dim:int = 0 # dimensionality of the first epoch block, 2 or 3 (0: 3 for unimiss_plus as the authors ran it, 2 for unimiss)
+    epoch_length_2d:str = 'auto' # iterations of an X-ray epoch: 'own' (one pass over the X-rays), 'ct' (as many as a CT epoch, official UniMiSS+), 'auto' ('ct' for unimiss_plus, 'own' for unimiss)
     # ablations
     use_2d:bool = True # train on X-rays
     use_3d:bool = True # train on CT
@@ -153,7 +160,13 @@ class PretrainConfig(Config):
         need((self.objective == 'unimiss_plus') == (self.arch in MITPLUS_ARCHS),
              f"objective {self.objective!r} and arch {self.arch!r} do not fit: unimiss_plus trains a MiT+ arch ({', '.join(MITPLUS_ARCHS)}), unimiss a MiT")
         need(self.objective == 'unimiss' or self.cross_dimensional, "objective 'unimiss_plus' needs cross_dimensional (its DRR and slice terms)")
-        need(not (self.grad_checkpointing and self.arch in MITPLUS_ARCHS), "grad_checkpointing is not implemented for MiT+ archs yet")
+        need(self.first_dim in (0, 2, 3), f"first_dim must be 2, 3 or 0 (the objective's default), got {self.first_dim}")
+        need(self.epoch_length_2d in ('auto', 'own', 'ct'), f"epoch_length_2d must be 'auto', 'own' or 'ct', got {self.epoch_length_2d!r}")
+        need(self.epoch_length_2d != 'ct' or (self.use_2d and self.use_3d), "epoch_length_2d='ct' needs both use_2d and use_3d")
+        need(0 <= self.recon_mask_ratio < 1, f"recon_mask_ratio must be in [0, 1), got {self.recon_mask_ratio}")
+        need(self.recon_mask_ratio == 0 or self.objective == 'unimiss_plus', "recon_mask_ratio > 0 needs objective 'unimiss_plus' (the reconstruction terms)")
+        need(self.recon_mask_patch >= 1, f"recon_mask_patch must be >= 1, got {self.recon_mask_patch}")
+        need(self.recon_loss_pixels in ('masked', 'all'), f"recon_loss_pixels must be 'masked' or 'all', got {self.recon_loss_pixels!r}")
         mult = MiTPlus.size_multiple if self.arch in MITPLUS_ARCHS else (lambda d: size_multiple(d, self.arch))
         (m2, _), m3 = mult(2), mult(3)
         need(self.img_size_2d % m2 == 0 and self.img_size_2d >= 2 * m2,
@@ -179,6 +192,17 @@ class PretrainConfig(Config):
                      if used)
 
     @property
+    def plan_first_dim(self) -> int:
+        "Dimensionality of the first epoch block: `first_dim`, or the objective's (UniMiSS: X-rays, UniMiSS+: CT + DRR)."
+        return self.first_dim or (3 if self.objective == 'unimiss_plus' else 2)
+
+    @property
+    def ct_length_2d(self) -> bool:
+        "Whether an X-ray epoch runs as many iterations as a CT epoch (the official UniMiSS+ loop)."
+        mode = self.epoch_length_2d
+        return mode == 'ct' or (mode == 'auto' and self.objective == 'unimiss_plus' and self.use_2d and self.use_3d)
+
+    @property
     def term_weights(self) -> dict:
         return {k: getattr(self, f'weight_{k}') for k in CROSS_TERMS}
 
@@ -190,11 +214,13 @@ def load_config(source:PretrainConfig|Mapping|str|Path|None=None, # config, dict
 # %% ../nbs/04_pretrain.ipynb #3059519d
 def epoch_plan(epochs:int, # total epochs
                interval:int=2, # epochs per block
-               use_2d:bool=True, use_3d:bool=True) -> list[int]:
-    "Dimensionality (2 or 3) trained in each epoch: `interval` 2D epochs, then `interval` 3D epochs, in turn."
+               use_2d:bool=True, use_3d:bool=True,
+               first:int=2) -> list[int]: # dimensionality of the first block (UniMiSS: 2; the official UniMiSS+: 3)
+    "Dimensionality (2 or 3) trained in each epoch: `interval` epochs of `first`, then `interval` of the other, in turn."
     if not (use_2d or use_3d): raise ValueError("use_2d and use_3d are both false")
+    if first not in (2, 3): raise ValueError(f"first must be 2 or 3, got {first!r}")
     if not (use_2d and use_3d): return [2 if use_2d else 3] * epochs
-    return [2 if (e // interval) % 2 == 0 else 3 for e in range(epochs)]
+    return [first if (e // interval) % 2 == 0 else 5 - first for e in range(epochs)]
 
 # %% ../nbs/04_pretrain.ipynb #7eff55b2
 class SyntheticViews(Dataset):
@@ -256,6 +282,18 @@ def seed_epoch(loader:DataLoader, seed:int, rank:int, epoch:int):
     loader.generator.manual_seed(s)
     seed_everything(s)
     if loader.num_workers == 0: set_rnd(loader.dataset, s)  # MONAI transforms keep their own random states
+
+def epoch_batches(loader:DataLoader, n:int, # batches in this epoch (`len(loader)`: one pass)
+                  seed:int, rank:int, epoch:int,
+                  epochs:int): # epochs of the run: pass k > 0 is seeded as epoch `epoch + k * epochs`
+    "The `n` batches of an epoch: as much of `loader` as needed, each pass reseeded with `seed_epoch`."
+    done, k = 0, 0
+    while done < n:
+        seed_epoch(loader, seed, rank, epoch + k * epochs)
+        for views in itertools.islice(loader, n - done):
+            yield views
+            done += 1
+        k += 1
 
 # %% ../nbs/04_pretrain.ipynb #8a91c033
 class SelfDistillation:
@@ -590,13 +628,15 @@ def _pretrain(cfg, datasets, rank, world, device):
     plus = cfg.objective == 'unimiss_plus'
     if plus: from unimiss.pretrain_plus import PlusSelfDistillation, plus_datasets
     datasets = dict(datasets) if datasets is not None else (plus_datasets if plus else build_datasets)(cfg)
-    plan = epoch_plan(cfg.epochs, cfg.interval, cfg.use_2d, cfg.use_3d)
+    plan = epoch_plan(cfg.epochs, cfg.interval, cfg.use_2d, cfg.use_3d, first=cfg.plan_first_dim)
     batch = {2: cfg.batch_size_2d, 3: cfg.batch_size_3d}
     for d in set(plan):
         if d not in datasets: raise ValueError(f"the plan has {d}D epochs but no {d}D data set was given")
     loaders = {d: make_loader(datasets[d], batch[d], cfg.num_workers, cfg.seed, rank, world, f"{d}D data")
                for d in set(plan)}
-    iters = [len(loaders[d]) for d in plan]
+    length = {d: len(loaders[d]) for d in loaders}
+    if cfg.ct_length_2d: length[2] = length[3]  # official UniMiSS+: an X-ray epoch is as long as a CT epoch
+    iters = [length[d] for d in plan]
     lr = {d: cosine_schedule(cfg.lr * batch[d] * world / 256, cfg.min_lr, iters, cfg.warmup_epochs) for d in (2, 3)}
     wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, iters)
     mom = cosine_schedule(cfg.momentum_teacher, 1., iters)
@@ -627,11 +667,10 @@ def _pretrain(cfg, datasets, rank, world, device):
     try:
         for epoch in range(start, stop):
             d, loader = plan[epoch], loaders[plan[epoch]]
-            seed_epoch(loader, cfg.seed, rank, epoch)
             sd.student.train()
             t0, sums, n = time.time(), {}, 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} ({d}D)", disable=not (main and cfg.progress),
-                       leave=False)
+            bar = tqdm(epoch_batches(loader, iters[epoch], cfg.seed, rank, epoch, cfg.epochs), total=iters[epoch],
+                       desc=f"epoch {epoch + 1}/{cfg.epochs} ({d}D)", disable=not (main and cfg.progress), leave=False)
             for i, views in enumerate(bar):
                 if not isinstance(views, (list, tuple)) or len(views) != 2:
                     raise ValueError(f"{d}D data items must be pairs of views; got a batch of type {type(views).__name__}")
@@ -643,7 +682,7 @@ def _pretrain(cfg, datasets, rank, world, device):
                                              f"{ckpt_path if ckpt_path.exists() else 'none yet'}") from None
                 for k, v in stats.items(): sums[k] = sums.get(k, 0.) + v
                 n += 1
-                if main and (it % cfg.log_every == 0 or i == len(loader) - 1):
+                if main and (it % cfg.log_every == 0 or i == iters[epoch] - 1):
                     run_log.log(dict(type='iter', epoch=epoch, iteration=it, dim=d, **stats, **hp, out_dim=cfg.out_dim,
                                     time=time.time()))
                 bar.set_postfix(loss=f"{stats['loss']:.3f}")

@@ -6,6 +6,7 @@ Docs: https://unimiss.github.io/unimiss/pretrain_plus.html.md"""
 
 # %% ../nbs/04b_pretrain_plus.ipynb #40544929
 from __future__ import annotations
+import math
 from typing import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from .pretrain import PretrainConfig, SelfDistillation, SyntheticViews, _all_fin
 from .ssl import SelfDistillationNet, collapse_monitors, volume_to_slices
 
 # %% auto #0
-__all__ = ['PairedViews', 'plus_datasets', 'ReconstructingNet', 'minmax', 'PlusSelfDistillation']
+__all__ = ['PairedViews', 'plus_datasets', 'ReconstructingNet', 'minmax', 'patch_mask', 'recon_loss', 'PlusSelfDistillation']
 
 # %% ../nbs/04b_pretrain_plus.ipynb #c1bef758
 class PairedViews(Dataset):
@@ -81,6 +82,34 @@ def minmax(x:torch.Tensor) -> torch.Tensor:
     shape = (-1,) + (1,) * (x.ndim - 1)
     return (x - lo.view(shape)) / (hi - lo).clamp(min=1e-12).view(shape)
 
+# %% ../nbs/04b_pretrain_plus.ipynb #6f5026c8
+def patch_mask(x:torch.Tensor, # (B, C, *spatial) batch the mask is for
+               ratio:float, # share of patches to hide, in [0, 1)
+               patch:int, # side of a patch in pixels (voxels); the last row may be cut by the image border
+              ) -> torch.Tensor:
+    "Boolean (B, 1, *spatial) mask, True where hidden: `round(ratio × patches)` (at least 1) random patches per sample."
+    if not 0 <= ratio < 1: raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    B, spatial = x.shape[0], x.shape[2:]
+    grid = [math.ceil(s / patch) for s in spatial]
+    n = math.prod(grid)
+    k = max(1, round(ratio * n)) if ratio > 0 else 0
+    order = torch.rand(B, n, device=x.device).argsort(1)
+    hide = torch.zeros(B, n, dtype=torch.bool, device=x.device).scatter_(1, order[:, :k], True)
+    m = hide.view(B, 1, *grid)
+    for a, s in enumerate(spatial): m = m.repeat_interleave(patch, dim=2 + a).narrow(2 + a, 0, s)
+    return m
+
+def recon_loss(logits:torch.Tensor, # reconstruction logits (before the sigmoid)
+               target:torch.Tensor, # the image, in [0, 1]
+               mask:torch.Tensor|None=None, # `patch_mask` of the input (None: no masking)
+               pixels:str='masked') -> torch.Tensor: # with a mask: MSE over the 'masked' pixels or 'all'
+    "MSE between the sigmoid of `logits` and `target`, over every pixel or only the hidden ones."
+    pred = torch.sigmoid(logits.float())
+    if mask is None or pixels == 'all': return F.mse_loss(pred, target)
+    if pixels != 'masked': raise ValueError(f"pixels must be 'masked' or 'all', got {pixels!r}")
+    m = mask.expand_as(pred)
+    return F.mse_loss(pred[m], target[m])
+
 # %% ../nbs/04b_pretrain_plus.ipynb #1a0af08c
 class PlusSelfDistillation(SelfDistillation):
     "UniMiSS+ training state; `step` takes a batch of CT + DRR view pairs (3D) or of X-ray view pairs (2D)."
@@ -96,26 +125,32 @@ class PlusSelfDistillation(SelfDistillation):
             if g['apply_wd']: g['weight_decay'] = weight_decay
         paired = isinstance(views[0], (list, tuple))
         dev = lambda v: v.to(self.device, non_blocking=True)
+        # the student's reconstructed inputs, masked when asked (the teacher always sees the full crops)
+        hide = lambda v: patch_mask(v, c.recon_mask_ratio, c.recon_mask_patch) if c.recon_mask_ratio > 0 else None
+        shown = lambda v, m: v if m is None else v.masked_fill(m, 0.)
+        rl = lambda r, target, m: recon_loss(r, target, m, c.recon_loss_pixels)
         if paired:  # 3D: CT + DRR
             ct, drr = torch.cat([dev(v[0]) for v in views]), torch.cat([dev(v[1]) for v in views])
             d, slices = 3, volume_to_slices(ct[:, :, ::2])
+            m_ct, m_drr = hide(ct), hide(drr)
             with self.autocast():
                 with torch.no_grad(): t_out = self.teacher([ct])
                 (s_ct, s_drr, s_sl), (r_ct, r_drr, _) = self.model(
-                    [ct, drr, slices], [1, 1, ct.shape[2] // 2 + ct.shape[2] % 2], [True, True, False])
+                    [shown(ct, m_ct), shown(drr, m_drr), slices], [1, 1, ct.shape[2] // 2 + ct.shape[2] % 2],
+                    [True, True, False])
             loss_fn, t = self.loss_for(3), t_out[0]
             terms = dict(ct=loss_fn(s_ct, t, teacher_temp), drr=self.loss_for(3)(s_drr, t, teacher_temp),
                          slices=loss_fn(s_sl, t, teacher_temp),
-                         re_ct=F.mse_loss(torch.sigmoid(r_ct.float()), minmax(ct)),
-                         re_drr=F.mse_loss(torch.sigmoid(r_drr.float()), drr))
+                         re_ct=rl(r_ct, minmax(ct), m_ct), re_drr=rl(r_drr, drr, m_drr))
             weights = dict(ct=1., drr=c.weight_drr, slices=c.weight_slices, re_ct=c.weight_recon, re_drr=c.weight_recon)
         else:  # 2D: real X-rays
             x, d = torch.cat([dev(v) for v in views]), 2
+            m_x = hide(x)
             with self.autocast():
                 with torch.no_grad(): t_out = self.teacher([x])
-                (s_x,), (r_x,) = self.model([x], [1], [True])
+                (s_x,), (r_x,) = self.model([shown(x, m_x)], [1], [True])
             t = t_out[0]
-            terms = {'2d': self.loss_for(2)(s_x, t, teacher_temp), 're_2d': F.mse_loss(torch.sigmoid(r_x.float()), x)}
+            terms = {'2d': self.loss_for(2)(s_x, t, teacher_temp), 're_2d': rl(r_x, x, m_x)}
             weights = {'2d': 1., 're_2d': c.weight_recon}
         loss = sum(v * weights[k] for k, v in terms.items())
         if not _all_finite(loss):
