@@ -7,21 +7,32 @@ teacher update.
     python bench/bench_pretrain.py --json                  # unimiss step, one JSON line
     python bench/bench_pretrain.py --json --mode official  # the authors' step structure on the same backbone
     python bench/bench_pretrain.py --json --mode compare   # both, alternating step by step in one process
+    python bench/bench_pretrain.py --json --mode compare --grad-checkpointing   # also ours with checkpointing
     python bench/bench_pretrain.py --json --device cuda --precision bf16 [--compile] [--batch 24]
     python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
     python bench/bench_pretrain.py --json --grad-checkpointing          # activation checkpointing in the student
-    python bench/bench_pretrain.py --json --mode memory --archs tiny small --batches 2 8
+    python bench/bench_pretrain.py --json --mode memory --archs tiny small --batches 2 8 --warmup 1 --steps 1
 
-`--mode official` re-enacts how the authors' `main.py` runs the same step (separate teacher and student calls for
-volumes and slices, the 65,536-wide head on all 68 rows before averaging the slices, the centre moved inside each
-of the 4 loss terms, a for-loop AdamW, an EMA over all parameters), so that both step structures are timed with
-the same backbone on the same machine. `--mode compare` alternates the two step by step, so that a busy machine
-slows both alike; its speed-up is the ratio of the medians. Peak RSS is the process's maximum resident set size:
-compare memory with one mode per process, as `--mode memory` does: for each arch and batch it runs the official
-step, ours and ours with activation checkpointing, one fresh process each (one step), and extrapolates bytes per
-sample and the largest batch per GPU memory size from the two batches. The largest batches are extrapolated
-from CPU memory (the CUDA context and allocator slack differ): measure on the GPU with `--max-batch`. Time with
-`--mode compare`, not with these single first steps.
+`--mode official` re-enacts how the authors' `main.py` runs the same step on the same backbone weights: separate
+teacher and student calls for volumes and slices (the slices copied to 3 channels), the MiT's last decoder block
+on every token (the official MiT has no CLS-only path), the head on all 68 rows before averaging the slices with
+its `weight_norm` prototype matrix built in each call, the centre moved inside each of the 4 loss terms, the
+per-parameter clipping loop with a host read per parameter, a for-loop AdamW and an EMA loop over all parameters.
+`--mode compare` alternates ours, the official-style step and (with `--grad-checkpointing`) ours with activation
+checkpointing, step by step in one process, so that a busy machine slows all alike; the speed-ups are ratios of
+medians, of wall time and of the process's CPU time (steadier on a shared machine at `--threads 1`), and each step
+records the 1-minute load average.
+
+Memory. `peak_rss_gb` is the process's peak resident set (libraries, model, optimiser state and the step).
+`step_peak_gb` is the step's own peak: the RSS after setup and `--warmup` steps (optimiser state allocated, freed
+heap trimmed) is taken as the baseline, the kernel's peak-RSS mark is reset to it (Linux `clear_refs`), and the
+peak during the timed steps minus the baseline is reported. `--mode memory` runs, for each arch and batch, the
+official-style step, ours and ours with checkpointing, one fresh process each, with glibc told to map every block
+above 64 KiB on its own (so that freed tensors leave the resident set); from the two batches it derives the step's
+bytes per sample and the largest batch per GPU memory size: (GPU memory - fixed) / bytes per sample, fixed being
+the training state (teacher, student, gradients, two AdamW moments) plus the step's per-batch-independent part.
+These are extrapolated from CPU memory (the CUDA context and allocator slack are not counted): measure on the GPU
+with `--max-batch`. Time with `--mode compare`, not with these single steps.
 """
 import argparse
 import ctypes
