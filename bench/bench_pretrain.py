@@ -256,6 +256,21 @@ def state_gb(sd):
     return round(5 * n / 2**30, 3)
 
 
+def extrapolate(rows, archs, batches, variants=('official', 'unimiss', 'unimiss_ckpt')):
+    "Step bytes per sample from the smallest and largest batch, and the largest batch per GPU size (extrapolated)."
+    extrap = []
+    for arch in archs:
+        lo, hi = [r for r in rows if r['arch'] == arch and r['batch'] in (min(batches), max(batches))]
+        if lo is hi: continue
+        for name in variants:
+            per = (hi[f'{name}_step_peak_gb'] - lo[f'{name}_step_peak_gb']) / (hi['batch'] - lo['batch'])
+            fixed = lo['state_gb'] + lo[f'{name}_step_peak_gb'] - per * lo['batch']
+            extrap.append(dict(arch=arch, variant=name, step_gb_per_sample=round(per, 4), fixed_gb=round(fixed, 3),
+                               **{f'max_batch_{g}gb_extrapolated': int((g - fixed) // per) if per > 0 else None
+                                  for g in GPU_GB}))
+    return extrap
+
+
 def memory(a):
     """Per (arch, batch, variant) in a fresh process (setup, `--warmup` steps, `--steps` steps): the whole process's
     peak RSS and the step's own peak (peak RSS during the timed steps minus the RSS after setup and warm-up);
@@ -280,17 +295,8 @@ def memory(a):
             row['loadavg_1min'] = round(os.getloadavg()[0], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    extrap = []
-    for arch in a.archs:
-        lo, hi = [r for r in rows if r['arch'] == arch and r['batch'] in (min(a.batches), max(a.batches))]
-        if lo is hi: continue
-        for name in variants:
-            per = (hi[f'{name}_step_peak_gb'] - lo[f'{name}_step_peak_gb']) / (hi['batch'] - lo['batch'])
-            fixed = lo['state_gb'] + lo[f'{name}_step_peak_gb'] - per * lo['batch']
-            extrap.append(dict(arch=arch, variant=name, step_gb_per_sample=round(per, 4), fixed_gb=round(fixed, 3),
-                               **{f'max_batch_{g}gb_extrapolated': int((g - fixed) // per) if per > 0 else None
-                                  for g in GPU_GB}))
-            print(json.dumps(extrap[-1]), flush=True)
+    extrap = extrapolate(rows, a.archs, a.batches, variants)
+    for e in extrap: print(json.dumps(e), flush=True)
     return dict(rows=rows, extrapolated=extrap)
 
 
