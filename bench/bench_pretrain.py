@@ -66,7 +66,8 @@ def ours_step(sd, views, hp, times):
     t = _now()
     inputs, groups = sd.inputs(views)
     with sd.autocast():
-        with torch.no_grad(): t_out = sd.teacher(inputs, groups)
+        with torch.inference_mode(): t_out = sd.teacher(inputs, groups)
+        t_out = [x.clone() for x in t_out]  # as `SelfDistillation.step`
         times['teacher_fwd'].append(_now() - t); t = _now()
         s_out = sd.model(inputs, groups)
     terms = sd.loss_terms(s_out, t_out, hp['teacher_temp'], d)
