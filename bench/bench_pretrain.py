@@ -7,24 +7,37 @@ teacher update.
     python bench/bench_pretrain.py --json                  # unimiss step, one JSON line
     python bench/bench_pretrain.py --json --mode official  # the authors' step structure on the same backbone
     python bench/bench_pretrain.py --json --mode compare   # both, alternating step by step in one process
+    python bench/bench_pretrain.py --json --mode compare --grad-checkpointing   # also ours with checkpointing
     python bench/bench_pretrain.py --json --device cuda --precision bf16 [--compile] [--batch 24]
     python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
     python bench/bench_pretrain.py --json --grad-checkpointing          # activation checkpointing in the student
-    python bench/bench_pretrain.py --json --mode memory --archs tiny small --batches 2 8
+    python bench/bench_pretrain.py --json --mode memory --archs tiny small --batches 2 8 --warmup 1 --steps 1
 
-`--mode official` re-enacts how the authors' `main.py` runs the same step (separate teacher and student calls for
-volumes and slices, the 65,536-wide head on all 68 rows before averaging the slices, the centre moved inside each
-of the 4 loss terms, a for-loop AdamW, an EMA over all parameters), so that both step structures are timed with
-the same backbone on the same machine. `--mode compare` alternates the two step by step, so that a busy machine
-slows both alike; its speed-up is the ratio of the medians. Peak RSS is the process's maximum resident set size:
-compare memory with one mode per process, as `--mode memory` does: for each arch and batch it runs the official
-step, ours and ours with activation checkpointing, one fresh process each (one step), and extrapolates bytes per
-sample and the largest batch per GPU memory size from the two batches. The largest batches are extrapolated
-from CPU memory (the CUDA context and allocator slack differ): measure on the GPU with `--max-batch`. Time with
-`--mode compare`, not with these single first steps.
+`--mode official` re-enacts how the authors' `main.py` runs the same step on the same backbone weights: separate
+teacher and student calls for volumes and slices (the slices copied to 3 channels), the MiT's last decoder block
+on every token (the official MiT has no CLS-only path), the head on all 68 rows before averaging the slices with
+its `weight_norm` prototype matrix built in each call, the centre moved inside each of the 4 loss terms, the
+per-parameter clipping loop with a host read per parameter, a for-loop AdamW and an EMA loop over all parameters.
+`--mode compare` alternates ours, the official-style step and (with `--grad-checkpointing`) ours with activation
+checkpointing, step by step in one process, so that a busy machine slows all alike; the speed-ups are ratios of
+medians, of wall time and of the process's CPU time (steadier on a shared machine at `--threads 1`), and each step
+records the 1-minute load average.
+
+Memory. `peak_rss_gb` is the process's peak resident set (libraries, model, optimiser state and the step).
+`step_peak_gb` is the step's own peak: the RSS after setup and `--warmup` steps (optimiser state allocated, freed
+heap trimmed) is taken as the baseline, the kernel's peak-RSS mark is reset to it (Linux `clear_refs`), and the
+peak during the timed steps minus the baseline is reported. `--mode memory` runs, for each arch and batch, the
+official-style step, ours and ours with checkpointing, one fresh process each, with glibc told to map every block
+above 64 KiB on its own (so that freed tensors leave the resident set); from the two batches it derives the step's
+bytes per sample and the largest batch per GPU memory size: (GPU memory - fixed) / bytes per sample, fixed being
+the training state (teacher, student, gradients, two AdamW moments) plus the step's per-batch-independent part.
+These are extrapolated from CPU memory (the CUDA context and allocator slack are not counted): measure on the GPU
+with `--max-batch`. Time with `--mode compare`, not with these single steps.
 """
 import argparse
+import ctypes
 import json
+import os
 import platform
 import resource
 import statistics
@@ -53,7 +66,8 @@ def ours_step(sd, views, hp, times):
     t = _now()
     inputs, groups = sd.inputs(views)
     with sd.autocast():
-        with torch.no_grad(): t_out = sd.teacher(inputs, groups)
+        with torch.inference_mode(): t_out = sd.teacher(inputs, groups)
+        t_out = [x.clone() for x in t_out]  # as `SelfDistillation.step`
         times['teacher_fwd'].append(_now() - t); t = _now()
         s_out = sd.model(inputs, groups)
     terms = sd.loss_terms(s_out, t_out, hp['teacher_temp'], d)
@@ -75,12 +89,26 @@ class OfficialStyle:
     "The authors' step structure around the same backbone and head (for a like-for-like comparison)."
     def __init__(self, sd):
         self.student, self.teacher, self.loss = sd.student, sd.teacher, DINOLoss(sd.cfg.out_dim)
-        self.ckpt = sd.cfg.grad_checkpointing  # the official code has no checkpointing: off during its steps
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0., foreach=False, fused=False)
 
     @staticmethod
     def net(m, x):
-        return m.head(m.backbone(x))  # whole head, every row
+        # the official MiT has no CLS-only path: its last decoder block runs on every token (`forward_features`); its
+        # head is a `weight_norm` linear that builds its (K, 256) weight in each call (the parametrized `last_layer`
+        # does the same; ours never builds it, `CosinePrototypes`), and it runs on every row, slices included
+        return m.head.last_layer(m.head.project(m.backbone.forward_features(x).cls))
+
+    @staticmethod
+    def clip(model, clip):
+        "The official `utils.clip_gradients`: one norm, one host read and one comparison per parameter."
+        norms = []
+        for p in model.parameters():
+            if p.grad is not None:
+                n = p.grad.norm(2)
+                norms.append(n.item())
+                coef = clip / (n + 1e-6)
+                if coef < 1: p.grad.mul_(coef)
+        return norms
 
     def loss_and_center(self, s, t, temp):
         l = self.loss(s, t, temp)
@@ -88,9 +116,10 @@ class OfficialStyle:
         return l
 
     def step(self, views, hp, times):
+        ckpt = self.student.backbone.grad_checkpointing  # the official code has no checkpointing: off for its steps
         self.student.backbone.set_grad_checkpointing(False)
         try: return self._step(views, hp, times)
-        finally: self.student.backbone.set_grad_checkpointing(self.ckpt)
+        finally: self.student.backbone.set_grad_checkpointing(ckpt)
 
     def _step(self, views, hp, times):
         for i, g in enumerate(self.optimizer.param_groups):
@@ -112,7 +141,7 @@ class OfficialStyle:
         if not torch.isfinite(loss): raise FloatingPointError('non-finite loss')
         self.optimizer.zero_grad()
         loss.backward()
-        clip_gradients([p for p in self.student.parameters() if p.grad is not None], 0.3)
+        self.clip(self.student, 0.3)
         times['backward'].append(_now() - t); t = _now()
         self.optimizer.step()
         times['adamw'].append(_now() - t); t = _now()
@@ -125,19 +154,33 @@ class OfficialStyle:
 
 
 def compare(sd, views, hp, a):
-    "Alternate the unimiss and the official-style step; medians of each and their ratio."
-    official, ts = OfficialStyle(sd), {'unimiss': [], 'official': []}
+    """Alternate the unimiss step, the official-style step and (with `--grad-checkpointing`) the unimiss step with
+    activation checkpointing, step by step in one process; medians of each and their ratios (wall and CPU time)."""
+    official, backbone = OfficialStyle(sd), sd.student.backbone
     scratch = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
+    names = ['unimiss', 'official'] + (['unimiss_ckpt'] if a.grad_checkpointing else [])
+    wall, cpu, load = {n: [] for n in names}, {n: [] for n in names}, []
     for i in range(a.warmup + a.steps):
-        for name in ('unimiss', 'official'):
-            t = _now()
-            sd.step(views, **hp) if name == 'unimiss' else official.step(views, hp, scratch)
-            if i >= a.warmup: ts[name].append(_now() - t)
-    med = {k: statistics.median(v) for k, v in ts.items()}
-    res = dict(bench='pretrain_3d_step', mode='compare', arch=a.arch, grad_checkpointing=a.grad_checkpointing,
-               precision=a.precision, threads=a.threads, batch=a.batch, out_dim=a.out_dim, steps=a.steps, s_per_step=round(med['unimiss'], 3),
-               s_per_step_official=round(med['official'], 3), speedup=round(med['official'] / med['unimiss'], 3),
-               s_per_step_all={k: [round(x, 3) for x in v] for k, v in ts.items()}, torch=torch.__version__)
+        for name in names:
+            backbone.set_grad_checkpointing(name == 'unimiss_ckpt')
+            t, c = _now(), time.process_time()
+            sd.step(views, **hp) if name != 'official' else official.step(views, hp, scratch)
+            if i >= a.warmup:
+                wall[name].append(_now() - t); cpu[name].append(time.process_time() - c)
+        if i >= a.warmup: load.append(os.getloadavg()[0])
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    res = dict(bench='pretrain_3d_step', mode='compare', arch=a.arch, variants=names, precision=a.precision,
+               threads=a.threads, batch=a.batch, out_dim=a.out_dim, steps=a.steps,
+               s_per_step={k: round(v, 3) for k, v in med.items()},
+               cpu_s_per_step={k: round(v, 3) for k, v in cmed.items()},
+               speedup_vs_official=round(med['official'] / med['unimiss'], 3),
+               cpu_speedup_vs_official=round(cmed['official'] / cmed['unimiss'], 3),
+               s_per_step_all={k: [round(x, 3) for x in v] for k, v in wall.items()},
+               loadavg_1min=[round(x, 2) for x in load], torch=torch.__version__)
+    if a.grad_checkpointing:
+        res.update(ckpt_time_vs_unimiss=round(med['unimiss_ckpt'] / med['unimiss'], 3),
+                   ckpt_time_vs_official=round(med['unimiss_ckpt'] / med['official'], 3))
     print(json.dumps(res) if a.json else res)
     return res
 
@@ -171,35 +214,90 @@ def max_batch(a, hp):
 
 
 GPU_GB = (24, 40, 80)
+_PEAK_BEFORE = 0.
+# in the `--mode memory` workers: every allocation above 64 KiB is its own mapping, returned to the system when freed,
+# so that the resident set follows the live tensors (glibc's default moving threshold keeps freed blocks resident)
+MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='65536')
+
+
+def _status_kb(key):
+    "A `VmRSS` / `VmHWM` line of /proc/self/status, in kB (None where there is no procfs)."
+    try:
+        for line in open('/proc/self/status'):
+            if line.startswith(key + ':'): return int(line.split()[1])
+    except OSError: return None
+
+
+def _maxrss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def step_peak_start():
+    "Resident set after setup and warm-up (freed heap trimmed first); resets the process's peak RSS to it."
+    global _PEAK_BEFORE
+    _PEAK_BEFORE = _maxrss_gb()  # the reset below also resets ru_maxrss
+    try: ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError): pass
+    base = _status_kb('VmRSS')
+    try:
+        with open('/proc/self/clear_refs', 'w') as f: f.write('5')  # Linux: VmHWM <- VmRSS
+    except OSError: return None
+    return base
+
+
+def step_peak_gb(base):
+    "Peak RSS since `step_peak_start` above its baseline, in GB (None without the Linux peak reset)."
+    hwm = _status_kb('VmHWM')
+    return None if base is None or hwm is None else round((hwm - base) / 2**20, 3)
+
+
+def state_gb(sd):
+    "Bytes the training state holds whatever the batch: teacher and student weights, gradients, AdamW's two moments."
+    n = sum(p.numel() * p.element_size() for p in sd.student.parameters())
+    return round(5 * n / 2**30, 3)
+
+
+def extrapolate(rows, archs, batches, variants=('official', 'unimiss', 'unimiss_ckpt')):
+    "Step bytes per sample from the smallest and largest batch, and the largest batch per GPU size (extrapolated)."
+    extrap = []
+    for arch in archs:
+        lo, hi = [r for r in rows if r['arch'] == arch and r['batch'] in (min(batches), max(batches))]
+        if lo is hi: continue
+        for name in variants:
+            per = (hi[f'{name}_step_peak_gb'] - lo[f'{name}_step_peak_gb']) / (hi['batch'] - lo['batch'])
+            fixed = lo['state_gb'] + lo[f'{name}_step_peak_gb'] - per * lo['batch']
+            extrap.append(dict(arch=arch, variant=name, step_gb_per_sample=round(per, 4), fixed_gb=round(fixed, 3),
+                               **{f'max_batch_{g}gb_extrapolated': int((g - fixed) // per) if per > 0 else None
+                                  for g in GPU_GB}))
+    return extrap
+
 
 def memory(a):
-    "Peak RSS of one step per (arch, batch, variant), each in a fresh process; bytes per sample; extrapolated batches."
+    """Per (arch, batch, variant) in a fresh process (setup, `--warmup` steps, `--steps` steps): the whole process's
+    peak RSS and the step's own peak (peak RSS during the timed steps minus the RSS after setup and warm-up);
+    bytes per sample from the two batches and the largest batch per GPU size, extrapolated."""
     variants = {'official': ['--mode', 'official'], 'unimiss': [], 'unimiss_ckpt': ['--grad-checkpointing']}
     rows = []
     for arch in a.archs:
         for b in a.batches:
-            row = dict(arch=arch, batch=b)
+            row = dict(arch=arch, batch=b, threads=a.threads, out_dim=a.out_dim)
             for name, extra in variants.items():
-                cmd = [sys.executable, __file__, '--json', '--arch', arch, '--batch', str(b), '--steps', '1',
-                       '--warmup', '0', '--phase-steps', '0', '--threads', str(a.threads), '--out-dim', str(a.out_dim),
-                       *extra]
-                r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-                row[f'{name}_rss_gb'], row[f'{name}_first_step_s'] = r['peak_rss_gb'], r['s_per_step']  # not a timing
-            for name in ('unimiss', 'unimiss_ckpt'): row[f'{name}_vs_official'] = round(
-                row[f'{name}_rss_gb'] / row['official_rss_gb'], 3)
+                cmd = [sys.executable, __file__, '--json', '--arch', arch, '--batch', str(b), '--steps', str(a.steps),
+                       '--warmup', str(a.warmup), '--phase-steps', '0', '--threads', str(a.threads),
+                       '--out-dim', str(a.out_dim), *extra]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | MALLOC_ENV)
+                r = json.loads(out.stdout.splitlines()[-1])
+                row.update({f'{name}_rss_gb': r['peak_rss_gb'], f'{name}_step_peak_gb': r['step_peak_gb'],
+                            f'{name}_s': r['s_per_step']})  # single steps in separate processes: not a timing
+                row['state_gb'] = r['state_gb']
+            for name in ('unimiss', 'unimiss_ckpt'):
+                for k in ('rss', 'step_peak'):
+                    row[f'{name}_{k}_vs_official'] = round(row[f'{name}_{k}_gb'] / row[f'official_{k}_gb'], 3)
+            row['loadavg_1min'] = round(os.getloadavg()[0], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    extrap = []
-    for arch in a.archs:
-        lo, hi = [r for r in rows if r['arch'] == arch and r['batch'] in (min(a.batches), max(a.batches))]
-        if lo is hi: continue
-        for name in variants:
-            per = (hi[f'{name}_rss_gb'] - lo[f'{name}_rss_gb']) / (hi['batch'] - lo['batch'])
-            fixed = lo[f'{name}_rss_gb'] - per * lo['batch']
-            extrap.append(dict(arch=arch, variant=name, gb_per_sample=round(per, 4), fixed_gb=round(fixed, 3),
-                               **{f'max_batch_{g}gb_extrapolated': int((g - fixed) // per) if per > 0 else None
-                                  for g in GPU_GB}))
-            print(json.dumps(extrap[-1]), flush=True)
+    extrap = extrapolate(rows, a.archs, a.batches, variants)
+    for e in extrap: print(json.dumps(e), flush=True)
     return dict(rows=rows, extrapolated=extrap)
 
 
@@ -233,20 +331,23 @@ def main(argv=None):
     if a.device != 'cpu': torch.cuda.reset_peak_memory_stats()
     runner = OfficialStyle(sd) if a.mode == 'official' else None
     times = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
-    totals = []
+    totals, base = [], None
     for i in range(a.warmup + a.steps):
+        if i == a.warmup and a.device == 'cpu': base = step_peak_start()
         t = _now()
         loss = runner.step(views, hp, times) if runner else sd.step(views, **hp)['loss']
         if i >= a.warmup: totals.append(_now() - t)
         else:
             for v in times.values(): v.clear()
+    step_peak = step_peak_gb(base)
     if not runner:  # the same step again, cut into phases
         for _ in range(a.phase_steps): ours_step(sd, views, hp, times)
     res = dict(bench='pretrain_3d_step', mode=a.mode, arch=a.arch, grad_checkpointing=a.grad_checkpointing,
                precision=a.precision, threads=a.threads, batch=a.batch,
                out_dim=a.out_dim, steps=a.steps, s_per_step=round(statistics.median(totals), 3),
                s_per_step_min=round(min(totals), 3), steps_per_s=round(1 / statistics.median(totals), 3),
-               peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+               peak_rss_gb=round(max(_PEAK_BEFORE, _maxrss_gb()), 3),
+               step_peak_gb=step_peak, state_gb=state_gb(sd), loadavg_1min=round(os.getloadavg()[0], 2),
                phases_s={k: round(statistics.median(v), 3) for k, v in times.items() if v}, loss=round(loss, 4),
                torch=torch.__version__, cpu=platform.processor() or platform.machine(), device=a.device,
                compile=a.compile)

@@ -374,8 +374,10 @@ class SelfDistillation:
             if g['apply_wd']: g['weight_decay'] = weight_decay
         inputs, groups = self.inputs(views)
         with self.autocast():
-            with torch.no_grad(): t_out = self.teacher(inputs, groups)
+            with torch.inference_mode(): t_out = self.teacher(inputs, groups)
             s_out = self.model(inputs, groups)
+        # inference tensors cannot be saved for the student's backward: copy the few (rows, K) logits out
+        t_out = [t.clone() for t in t_out]
         terms = self.loss_terms(s_out, t_out, teacher_temp, d)
         weights = self.cfg.term_weights
         loss = sum(v * weights.get(k, 1.) for k, v in terms.items())
@@ -390,8 +392,10 @@ class SelfDistillation:
         self.update(momentum)
         stats = collapse_monitors(t_out[0], self.loss_for(d).center, teacher_temp)
         self.loss_for(d).update_center(torch.cat(t_out))
-        return dict(loss=float(loss.detach()), **{f'loss_{k}': float(v.detach()) for k, v in terms.items()}, **stats,
-                    grad_norm=float(grad_norm))
+        # one read from the device for all logged numbers (each float() of a CUDA tensor waits for the GPU)
+        keys = ['loss', *(f'loss_{k}' for k in terms), 'grad_norm']
+        values = torch.stack([loss.detach(), *(v.detach() for v in terms.values()), grad_norm.to(loss.device)])
+        return dict(zip(keys, values.float().tolist()), **stats)
 
     def state_dict(self) -> dict:
         return dict(student=self.student.state_dict(), teacher=self.teacher.state_dict(),

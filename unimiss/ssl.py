@@ -135,15 +135,24 @@ class DINOLoss(nn.Module):
         "Centred and sharpened teacher distribution."
         return F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
 
+    def student_log_probs(self, student_output:torch.Tensor) -> torch.Tensor:
+        "Log-softmax of the student logits at the student temperature."
+        return F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+
+    def cross_entropy(self, q:torch.Tensor, # (n_views·B, K) teacher probabilities (`teacher_probs`)
+                      logp:torch.Tensor # (n_views·B, K) student log-probabilities (`student_log_probs`)
+                     ) -> torch.Tensor:
+        "Mean of `H(q_i, p_j)` over the pairs of different views `i != j`."
+        q, logp = self._chunks(q.detach(), 'teacher_output'), self._chunks(logp, 'student_output')
+        terms = [-(q[i] * logp[j]).sum(-1).mean() for i in range(self.n_views) for j in range(self.n_views) if i != j]
+        return torch.stack(terms).mean()
+
     def forward(self, student_output:torch.Tensor, # (n_views·B, K) student logits, view-major
                 teacher_output:torch.Tensor, # (n_views·B, K) teacher logits, view-major
                 teacher_temp:float # teacher temperature for this epoch
                ) -> torch.Tensor:
         "Mean cross-entropy over the pairs of different views (the centre is not updated here)."
-        q = self._chunks(self.teacher_probs(teacher_output, teacher_temp).detach(), 'teacher_output')
-        logp = self._chunks(F.log_softmax(student_output.float() / self.student_temp, dim=-1), 'student_output')
-        terms = [-(q[i] * logp[j]).sum(-1).mean() for i in range(self.n_views) for j in range(self.n_views) if i != j]
-        return torch.stack(terms).mean()
+        return self.cross_entropy(self.teacher_probs(teacher_output, teacher_temp), self.student_log_probs(student_output))
 
     @torch.no_grad()
     def update_center(self, teacher_output:torch.Tensor # (N, K) all teacher logits of this step
@@ -173,10 +182,12 @@ def cross_dimensional_loss(loss_fn:DINOLoss, # the self-distillation loss
                            teacher:Sequence[torch.Tensor], # the same for the teacher
                            teacher_temp:float # teacher temperature for this epoch
                           ) -> dict:
-    "The four UniMiSS 3D terms `{'vv', 'vs', 'ss', 'sv'}` (teacher → student)."
+    "The four UniMiSS 3D terms `{'vv', 'vs', 'ss', 'sv'}` (teacher → student), each as `loss_fn(student, teacher)`."
+    # each of the four (rows, 65,536) distributions enters two terms: build it (and its backward) once, not twice
     (s_v, s_s), (t_v, t_s) = student, teacher
-    return {'vv': loss_fn(s_v, t_v, teacher_temp), 'vs': loss_fn(s_s, t_v, teacher_temp),
-            'ss': loss_fn(s_s, t_s, teacher_temp), 'sv': loss_fn(s_v, t_s, teacher_temp)}
+    q = {'v': loss_fn.teacher_probs(t_v, teacher_temp), 's': loss_fn.teacher_probs(t_s, teacher_temp)}
+    logp = {'v': loss_fn.student_log_probs(s_v), 's': loss_fn.student_log_probs(s_s)}
+    return {k: loss_fn.cross_entropy(q[k[0]], logp[k[1]]) for k in CROSS_TERMS}
 
 # %% ../nbs/03_ssl.ipynb #69e4e108
 def cosine_schedule(base_value:float, # value after warm-up (start of the cosine)
