@@ -638,7 +638,8 @@ def study_cpu(out_dir:str|Path='runs/study_cpu', # one folder per run, plus resu
                                           cache_dir=str(Path(paths['list_3d']).parent/'cache'), progress=progress)
     if probe_every: common |= dict(probe_every=probe_every, probe_data=str(paths['probe_2d']), probe_task='cls2d')
     runs = [(a, s) for a in arms for s in pretrain_seeds]
-    cfgs = {(a, s): arm_config(a, config, **common, seed=s, output_dir=str(out/f'{a}_s{s}'))
+    no_2d = dict(probe_data=str(paths['probe_3d']), probe_task='patch3d') if probe_every else {}  # 3d_only has no 2D path
+    cfgs = {(a, s): arm_config(a, config, **(common if ARMS[a][0] else common | no_2d), seed=s, output_dir=str(out/f'{a}_s{s}'))
             for a, s in runs if ARMS[a] is not None}
     for (a, s), cfg in cfgs.items():
         if pretrain and not (Path(cfg.output_dir)/'teacher_backbone.pth').is_file():

@@ -171,12 +171,14 @@ CROSS_TERMS = ('vv', 'vs', 'ss', 'sv')  # teacher then student: v = volume, s = 
 def cross_dimensional_loss(loss_fn:DINOLoss, # the self-distillation loss
                            student:Sequence[torch.Tensor], # (volume logits, slice-averaged logits) of the student
                            teacher:Sequence[torch.Tensor], # the same for the teacher
-                           teacher_temp:float # teacher temperature for this epoch
+                           teacher_temp:float, # teacher temperature for this epoch
+                           slice_loss_fn:DINOLoss|None=None, # centres the slice-averaged teacher (None: `loss_fn`)
                           ) -> dict:
     "The four UniMiSS 3D terms `{'vv', 'vs', 'ss', 'sv'}` (teacher → student)."
     (s_v, s_s), (t_v, t_s) = student, teacher
+    ls = loss_fn if slice_loss_fn is None else slice_loss_fn  # the teacher's centre depends on the teacher path, not on the student's
     return {'vv': loss_fn(s_v, t_v, teacher_temp), 'vs': loss_fn(s_s, t_v, teacher_temp),
-            'ss': loss_fn(s_s, t_s, teacher_temp), 'sv': loss_fn(s_v, t_s, teacher_temp)}
+            'ss': ls(s_s, t_s, teacher_temp), 'sv': ls(s_v, t_s, teacher_temp)}
 
 # %% ../nbs/03_ssl.ipynb #69e4e108
 def cosine_schedule(base_value:float, # value after warm-up (start of the cosine)
