@@ -164,4 +164,3 @@ def test_probe_experiment_smoke(tmp_path):
     study = run/'study'
     assert (study/'table.md').is_file() and (study/'figure.png').is_file()
     assert [r['type'] for r in read_log(study/'unimiss_s0') if r.get('type') == 'probe'] == ['probe', 'probe']
-
