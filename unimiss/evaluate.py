@@ -33,7 +33,7 @@ __all__ = ['logger', 'TASKS', 'DATALIST_TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES
            'xray_input', 'volume_input', 'labelled_ct', 'sample_patches', 'interleaved_slabs', 'ProbeSplit',
            'stratified_split', 'load_probe', 'probe_backbone', 'extract_features', 'knn_predict', 'linear_probe',
            'summarise', 'probe', 'run_probe', 'format_probe', 'main', 'OnlineProbe', 'cpu_corpus', 'protocol_config',
-           'arm_config', 'format_table', 'plot_study', 'study_cpu']
+           'arm_config', 'format_table', 'plot_study', 'online_probe_keys', 'study_cpu']
 
 # %% ../nbs/07_evaluate.ipynb #56aa2d96
 TASKS = ('cls2d', 'cls3d', 'patch3d')
@@ -614,6 +614,16 @@ def plot_study(rows:Sequence[Mapping], curves:Mapping[str, list], tasks:Sequence
     fig.tight_layout()
     return fig
 
+def online_probe_keys(arm:str, # a pretrained arm of `ARMS`
+                      paths:Mapping, # what `cpu_corpus` returned
+                      probe_every:int=1, # epochs between online probes (0: none)
+                     ) -> dict:
+    "Online-probe config keys of an arm: the 2D probe, or the CT patch probe for an arm without X-rays (no 2D path)."
+    if not probe_every: return {}
+    with_2d = ARMS[arm][0]
+    return dict(probe_every=probe_every, probe_data=str(paths['probe_2d' if with_2d else 'probe_3d']),
+                probe_task='cls2d' if with_2d else 'patch3d')
+
 def study_cpu(out_dir:str|Path='runs/study_cpu', # one folder per run, plus results.json / table.md / figure.png
               config:str|Path|Mapping='configs/pretrain_cpu.yaml', # the protocol's pretraining config
               arms:Sequence[str]=('unimiss', 'random', '3d_only', '2d_only', 'no_cross'),
@@ -636,9 +646,9 @@ def study_cpu(out_dir:str|Path='runs/study_cpu', # one folder per run, plus resu
     common = dict(overrides or {}) | dict(data_dir=str(paths['data_dir']),
                                           list_2d=str(paths['list_2d']), list_3d=str(paths['list_3d']),
                                           cache_dir=str(Path(paths['list_3d']).parent/'cache'), progress=progress)
-    if probe_every: common |= dict(probe_every=probe_every, probe_data=str(paths['probe_2d']), probe_task='cls2d')
     runs = [(a, s) for a in arms for s in pretrain_seeds]
-    cfgs = {(a, s): arm_config(a, config, **common, seed=s, output_dir=str(out/f'{a}_s{s}'))
+    cfgs = {(a, s): arm_config(a, config, **common, **online_probe_keys(a, paths, probe_every), seed=s,
+                               output_dir=str(out/f'{a}_s{s}'))
             for a, s in runs if ARMS[a] is not None}
     for (a, s), cfg in cfgs.items():
         if pretrain and not (Path(cfg.output_dir)/'teacher_backbone.pth').is_file():

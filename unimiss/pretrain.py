@@ -81,6 +81,7 @@ class PretrainConfig(Config):
     batch_size_2d:int = 24 # X-rays per process and step
     batch_size_3d:int = 24 # CT sub-volumes per process and step
     lr:float = 8e-4 # peak learning rate for a global batch of 256 (scaled linearly)
+    lr_3d:float = 0. # CT steps: their own peak learning rate per 256 volumes (0: `lr`); small CT batches scale it far down
     min_lr:float = 1e-6 # learning rate at the end of the cosine
     warmup_epochs:int = 10 # epochs of linear learning-rate warm-up
     weight_decay:float = 0.04 # weight decay at the start (cosine schedule)
@@ -95,6 +96,7 @@ class PretrainConfig(Config):
     warmup_teacher_temp_epochs:int = 0 # epochs of teacher-temperature warm-up
     center_momentum:float = 0.9 # momentum of the teacher centre
     center_per_dim:bool = False # one teacher centre per dimensionality (official: one for both, see *Two centres*)
+    center_per_path:bool = False # CT steps: the slice-averaged teacher gets a centre of its own (official: shared)
     weight_vv:float = 1. # weight of H(volume → volume) in 3D steps
     weight_vs:float = 1. # weight of H(volume → slices)
     weight_ss:float = 1. # weight of H(slices → slices)
@@ -145,6 +147,7 @@ class PretrainConfig(Config):
                   'save_every', 'epochs_per_run', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad',
                   'weight_vv', 'weight_vs', 'weight_ss', 'weight_sv', 'weight_drr', 'weight_slices', 'weight_recon'):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
+        need(self.lr_3d >= 0, f"lr_3d must be >= 0 (0: the same as lr), got {self.lr_3d}")
         for k in ('lr', 'student_temp', 'teacher_temp', 'warmup_teacher_temp'):
             need(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
         for k in ('warmup_epochs', 'warmup_teacher_temp_epochs'):
@@ -315,6 +318,9 @@ class SelfDistillation:
         # with `center_per_dim`, CT steps centre (and monitor) their teacher with a centre of their own
         self.loss_3d = (DINOLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum).to(self.device)
                         if cfg.center_per_dim else self.loss)
+        # with `center_per_path`, the slice-averaged CT teacher is centred by the mean of its own outputs
+        self.loss_slices = (DINOLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum).to(self.device)
+                            if cfg.center_per_path else None)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0., **_adamw_impl(self.device))
         self.scaler = torch.amp.GradScaler('cuda') if cfg.precision == 'fp16' else None
         dims = getattr(backbone, 'spatial_dims', (2, 3))
@@ -338,7 +344,7 @@ class SelfDistillation:
 
     def loss_terms(self, s_out:list, t_out:list, teacher_temp:float, d:int) -> dict:
         "`{'2d'}` for X-rays; `{'vv'}`, or the four cross-dimensional terms, for CT."
-        if len(s_out) == 2: return cross_dimensional_loss(self.loss_for(d), s_out, t_out, teacher_temp)
+        if len(s_out) == 2: return cross_dimensional_loss(self.loss_for(d), s_out, t_out, teacher_temp, self.loss_slices)
         return {'vv' if d == 3 else '2d': self.loss_for(d)(s_out[0], t_out[0], teacher_temp)}
 
     def backward(self, loss:torch.Tensor, d:int, # dimensionality of the step's data
@@ -391,7 +397,10 @@ class SelfDistillation:
                                      f"({d}D step); the weights were not updated; stopping")
         self.update(momentum)
         stats = collapse_monitors(t_out[0], self.loss_for(d).center, teacher_temp)
-        self.loss_for(d).update_center(torch.cat(t_out))
+        if self.loss_slices is not None and len(t_out) == 2:  # each CT teacher path moves its own centre
+            stats |= {f'{k}_slices': v for k, v in collapse_monitors(t_out[1], self.loss_slices.center, teacher_temp).items()}
+            self.loss_for(d).update_center(t_out[0]); self.loss_slices.update_center(t_out[1])
+        else: self.loss_for(d).update_center(torch.cat(t_out))
         # one read from the device for all logged numbers (each float() of a CUDA tensor waits for the GPU)
         keys = ['loss', *(f'loss_{k}' for k in terms), 'grad_norm']
         values = torch.stack([loss.detach(), *(v.detach() for v in terms.values()), grad_norm.to(loss.device)])
@@ -401,6 +410,7 @@ class SelfDistillation:
         return dict(student=self.student.state_dict(), teacher=self.teacher.state_dict(),
                     optimizer=self.optimizer.state_dict(), loss=self.loss.state_dict(),
                     loss_3d=self.loss_3d.state_dict() if self.loss_3d is not self.loss else None,
+                    loss_slices=self.loss_slices.state_dict() if self.loss_slices is not None else None,
                     scaler=self.scaler.state_dict() if self.scaler else None)
 
     def load_state_dict(self, state:Mapping):
@@ -409,6 +419,7 @@ class SelfDistillation:
         self.optimizer.load_state_dict(state['optimizer'])
         self.loss.load_state_dict(state['loss'])
         if self.loss_3d is not self.loss: self.loss_3d.load_state_dict(state['loss_3d'])
+        if self.loss_slices is not None: self.loss_slices.load_state_dict(state['loss_slices'])
         if self.scaler and state.get('scaler'): self.scaler.load_state_dict(state['scaler'])
 
 def _adamw_impl(device:torch.device) -> dict:
@@ -641,7 +652,8 @@ def _pretrain(cfg, datasets, rank, world, device):
     length = {d: len(loaders[d]) for d in loaders}
     if cfg.ct_length_2d: length[2] = length[3]  # official UniMiSS+: an X-ray epoch is as long as a CT epoch
     iters = [length[d] for d in plan]
-    lr = {d: cosine_schedule(cfg.lr * batch[d] * world / 256, cfg.min_lr, iters, cfg.warmup_epochs) for d in (2, 3)}
+    base_lr = {2: cfg.lr, 3: cfg.lr_3d or cfg.lr}
+    lr = {d: cosine_schedule(base_lr[d] * batch[d] * world / 256, cfg.min_lr, iters, cfg.warmup_epochs) for d in (2, 3)}
     wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, iters)
     mom = cosine_schedule(cfg.momentum_teacher, 1., iters)
     ttemp = teacher_temp_schedule(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs)

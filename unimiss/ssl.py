@@ -180,12 +180,14 @@ CROSS_TERMS = ('vv', 'vs', 'ss', 'sv')  # teacher then student: v = volume, s = 
 def cross_dimensional_loss(loss_fn:DINOLoss, # the self-distillation loss
                            student:Sequence[torch.Tensor], # (volume logits, slice-averaged logits) of the student
                            teacher:Sequence[torch.Tensor], # the same for the teacher
-                           teacher_temp:float # teacher temperature for this epoch
+                           teacher_temp:float, # teacher temperature for this epoch
+                           slice_loss_fn:DINOLoss|None=None, # centres the slice-averaged teacher (None: `loss_fn`)
                           ) -> dict:
     "The four UniMiSS 3D terms `{'vv', 'vs', 'ss', 'sv'}` (teacher → student), each as `loss_fn(student, teacher)`."
     # each of the four (rows, 65,536) distributions enters two terms: build it (and its backward) once, not twice
     (s_v, s_s), (t_v, t_s) = student, teacher
-    q = {'v': loss_fn.teacher_probs(t_v, teacher_temp), 's': loss_fn.teacher_probs(t_s, teacher_temp)}
+    ls = loss_fn if slice_loss_fn is None else slice_loss_fn  # the teacher's centre depends on the teacher path, not on the student's
+    q = {'v': loss_fn.teacher_probs(t_v, teacher_temp), 's': ls.teacher_probs(t_s, teacher_temp)}
     logp = {'v': loss_fn.student_log_probs(s_v), 's': loss_fn.student_log_probs(s_s)}
     return {k: loss_fn.cross_entropy(q[k[0]], logp[k[1]]) for k in CROSS_TERMS}
 
