@@ -75,6 +75,29 @@ def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on
     return result
 
 
+def _mean_sd(values) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarise(runs:list[dict]) -> dict:
+    "One result for the runs of several seeds: Dice mean and sd (ddof 1) over seeds, per structure too; the runs kept."
+    r = {k: v for k, v in runs[0].items() if k not in ('seed', 'train_loss', 'train_seconds', 'total_seconds')
+         and not k.startswith(('overfit_', 'held_out_dice', 'held_out_mean'))}
+    r['seeds'] = [x['seed'] for x in runs]
+    r['train_loss'] = [round(float(v), 4) for v in np.mean([x['train_loss'] for x in runs], 0)]
+    for what in ('overfit', 'held_out'):
+        if f'{what}_mean_dice' not in runs[0]: continue
+        r[f'{what}_mean_dice'], r[f'{what}_mean_dice_sd'] = _mean_sd([x[f'{what}_mean_dice'] for x in runs])
+        per = {n: _mean_sd([x[f'{what}_dice'][n] for x in runs]) for n in runs[0][f'{what}_dice']}
+        r[f'{what}_dice'] = {n: m for n, (m, _) in per.items()}
+        r[f'{what}_dice_sd'] = {n: sd for n, (_, sd) in per.items()}
+    r['passed'] = bool(r['overfit_mean_dice'] >= TARGET)
+    r['total_seconds'] = round(sum(x['total_seconds'] for x in runs), 1)
+    r['runs'] = runs
+    return r
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--slabs', type=int, nargs='+', default=[2, 3], help='training slabs trained and evaluated on')
@@ -85,22 +108,23 @@ def main(argv=None) -> int:
     p.add_argument('--epochs', type=int, default=8, help='the iterations are logged in this many epochs')
     p.add_argument('--batch-size', type=int, default=2)
     p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seeds', type=int, nargs='+', default=[0], help='one run per seed; the Dice is reported as mean ± sd')
     p.add_argument('--no-deep-supervision', action='store_true')
     p.add_argument('--out', default='', help='JSON result file (default bench/results/overfit_seg3d_<date>.json)')
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
     a = p.parse_args(argv)
     try:
-        r = overfit(tuple(a.slabs), a.arch, a.img_size, a.spacing, a.iters, a.epochs, a.batch_size, a.lr, a.seed,
-                    not a.no_deep_supervision)
+        r = summarise([overfit(tuple(a.slabs), a.arch, a.img_size, a.spacing, a.iters, a.epochs, a.batch_size, a.lr, s,
+                               not a.no_deep_supervision) for s in a.seeds])
     except (ValueError, FileNotFoundError) as e:
         print(f"overfit_seg3d: {e}", file=sys.stderr); return 1
     path = Path(a.out or Path(__file__).parent / 'results' / f"overfit_seg3d_{datetime.date.today()}.json")
     atomic_write(path, json.dumps(tasks._json_safe(r), indent=1))
     if a.json: print(json.dumps(tasks._json_safe(r)))
     else:
-        print(f"overfit mean Dice {r['overfit_mean_dice']:.3f} on {r['trained_on']} (target {TARGET}: "
-              f"{'PASS' if r['passed'] else 'FAIL'}); held-out mean Dice {r.get('held_out_mean_dice', float('nan')):.3f}")
+        print(f"overfit mean Dice {r['overfit_mean_dice']:.3f} ± {r['overfit_mean_dice_sd']:.3f} on {r['trained_on']}, "
+              f"seeds {r['seeds']} (target {TARGET}: {'PASS' if r['passed'] else 'FAIL'}); held-out mean Dice "
+              f"{r.get('held_out_mean_dice', float('nan')):.3f} ± {r.get('held_out_mean_dice_sd', float('nan')):.3f}")
         print('  per structure (overfit):', {k: round(v, 3) for k, v in r['overfit_dice'].items()})
         if 'held_out_dice' in r: print('  per structure (held-out):', {k: round(v, 3) for k, v in r['held_out_dice'].items()})
         print(f"  training loss per epoch: {r['train_loss']}; {r['total_seconds']} s; result in {path}")
