@@ -4,13 +4,17 @@ Trains on a few slabs of the sample chest CT and evaluates on the SAME slabs wit
 (`unimiss.tasks`: the protocol's reader/labels, `train_transform` patch sampling, `make_loss` with deep
 supervision, `train`, sliding-window `evaluate`). A correct engine memorises a few cases: mean Dice >= 0.9.
 The held-out Dice (the protocol's validation slabs) is reported beside it; it is not expected to be high.
+The protocol's random flips are off unless `--flips` (memorising needs no invariance to them); intensity jitter stays.
+The result also records how the sampler sees the classes (`patch_stats`: % of sampled patches holding each class).
 
     python bench/overfit_seg3d.py                      # prints the Dice, writes bench/results/overfit_seg3d_<date>.json
     python bench/overfit_seg3d.py --iters 20 --json    # a quick look
+    python bench/overfit_seg3d.py --seeds 0 1 --verbose  # Dice mean ± sd over two seeds, the loss logged per epoch
 """
 import argparse
 import datetime
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -26,10 +30,24 @@ from unimiss.finetune import build_model
 TARGET = 0.9
 
 
+def patch_stats(cases, pr, cfg, flip_axes, n:int=100) -> dict:
+    "How the training sampler sees the classes: % of `n` sampled patches holding each one, and its mean % of their voxels."
+    tf = tasks.train_transform(pr.kind, pr.spatial_dims, cfg.img_size, flip_axes)
+    tf.set_random_state(seed=cfg.seed + 1)  # its own random state: the training draws are left as they are
+    ds = tasks.CaseDataset(cases, None, tf, True, 1)
+    labels = [ds[i % len(ds)]['label'][0].long() for i in range(n)]
+    classes = pr.classes
+    return dict(n_patches=n,
+                present_pct={c: round(100 * float(np.mean([(l == k).any().item() for l in labels])), 1) for k, c in enumerate(classes)},
+                voxel_pct={c: round(100 * float(np.mean([(l == k).float().mean().item() for l in labels])), 2) for k, c in enumerate(classes)})
+
+
 def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on and evaluated on
             arch:str='micro', img_size=(16, 64, 64), spacing=(3.0, 3.0, 2.5), # model input crop, voxel size (x, y, z) mm
             iters:int=400, epochs:int=8, batch_size:int=2, lr:float=1e-3, seed:int=0,
-            deep_supervision:bool=True, held_out:bool=True, out_dir=None) -> dict:
+            deep_supervision:bool=True, held_out:bool=True, out_dir=None,
+            flips:bool=False, # the protocol's random flips too (off: memorising needs no invariance to them)
+           ) -> dict:
     "Train on `slabs` of the sample CT, evaluate on the same slabs (and on the validation slabs); returns the result."
     t0 = time.perf_counter()
     pr = tasks.PROTOCOLS['sample_ct_seg']
@@ -49,9 +67,11 @@ def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on
     names = [c['name'] for c in train_cases]
     if len(train_cases) != len(slabs): raise ValueError(f"slabs {list(slabs)} not all among the training slabs "
                                                         f"{[c['name'] for c in splits['train']]}")
-    tf = tasks.train_transform(pr.kind, pr.spatial_dims, cfg.img_size, pr.flip_axes)
+    flip_axes = pr.flip_axes if flips else ()
+    tf = tasks.train_transform(pr.kind, pr.spatial_dims, cfg.img_size, flip_axes)
     tf.set_random_state(seed=cfg.seed)
     train_ds = tasks.CaseDataset(train_cases, None, tf, True, 1)
+    patches = patch_stats(train_cases, pr, cfg, flip_axes)
     same_ds = tasks.CaseDataset(train_cases, None, None, True, 1)
     model = build_model(pr.kind, pr.spatial_dims, pr.num_outputs, cfg.arch, cfg.img_size,
                         deep_supervision=cfg.deep_supervision, drop_path_rate=cfg.drop_path_rate).to(device)
@@ -61,8 +81,9 @@ def overfit(slabs=(2, 3), # training slabs (indices of `slab_bounds`) trained on
     result = dict(check='overfit_seg3d', protocol='sample_ct_seg', trained_on=names, arch=cfg.arch,
                   img_size=list(cfg.img_size), spacing=list(cfg.spacing), iters=len(history) * cfg.iters_per_epoch,
                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, deep_supervision=cfg.deep_supervision,
+                  flips=list(flip_axes) if flip_axes is not None else 'all',
                   train_loss=[round(h['train_loss'], 4) for h in history],
-                  overfit_mean_dice=fit['mean_dice'], overfit_dice=fit['dice'], target=TARGET,
+                  patch_stats=patches, overfit_mean_dice=fit['mean_dice'], overfit_dice=fit['dice'], target=TARGET,
                   passed=bool(fit['mean_dice'] >= TARGET))
     if held_out:
         val_ds = tasks.CaseDataset(splits['val'], None, None, True, 1)
@@ -110,12 +131,15 @@ def main(argv=None) -> int:
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--seeds', type=int, nargs='+', default=[0], help='one run per seed; the Dice is reported as mean ± sd')
     p.add_argument('--no-deep-supervision', action='store_true')
+    p.add_argument('--flips', action='store_true', help="also the protocol's random flips (harder to memorise)")
     p.add_argument('--out', default='', help='JSON result file (default bench/results/overfit_seg3d_<date>.json)')
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
+    p.add_argument('--verbose', action='store_true', help='log the training loss per epoch as it goes (stderr)')
     a = p.parse_args(argv)
+    if a.verbose: logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
     try:
         r = summarise([overfit(tuple(a.slabs), a.arch, a.img_size, a.spacing, a.iters, a.epochs, a.batch_size, a.lr, s,
-                               not a.no_deep_supervision) for s in a.seeds])
+                               not a.no_deep_supervision, flips=a.flips) for s in a.seeds])
     except (ValueError, FileNotFoundError) as e:
         print(f"overfit_seg3d: {e}", file=sys.stderr); return 1
     path = Path(a.out or Path(__file__).parent / 'results' / f"overfit_seg3d_{datetime.date.today()}.json")
@@ -127,6 +151,7 @@ def main(argv=None) -> int:
               f"{r.get('held_out_mean_dice', float('nan')):.3f} ± {r.get('held_out_mean_dice_sd', float('nan')):.3f}")
         print('  per structure (overfit):', {k: round(v, 3) for k, v in r['overfit_dice'].items()})
         if 'held_out_dice' in r: print('  per structure (held-out):', {k: round(v, 3) for k, v in r['held_out_dice'].items()})
+        print('  % of sampled training patches holding each class:', r['patch_stats']['present_pct'])
         print(f"  training loss per epoch: {r['train_loss']}; {r['total_seconds']} s; result in {path}")
     return 0 if r['passed'] else 2
 
