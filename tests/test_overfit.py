@@ -64,3 +64,22 @@ def test_evaluation_path_is_exact_for_a_perfect_model():
     ds = CaseDataset([dict(name='boxes', image=label.copy(), label=label)], None)
     summary, rows, _ = evaluate(Oracle(), pr, cfg, ds, torch.device('cpu'), n_examples=0)
     assert summary['mean_dice'] == 1.0 and all(v == 1.0 for v in summary['dice'].values()), summary
+
+
+def test_summarise_seeds():
+    "Several seeds give the mean and sd (ddof 1) of the Dice, per structure too, and keep each run."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('overfit_seg3d', ROOT / 'bench' / 'overfit_seg3d.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    def run(seed, a, b):
+        return dict(seed=seed, trained_on=['s'], train_loss=[2.0, 1.0 + seed], overfit_mean_dice=(a + b) / 2,
+                    overfit_dice=dict(x=a, y=b), held_out_mean_dice=a / 2, held_out_dice=dict(x=a / 2, y=0.0),
+                    train_seconds=1.0, total_seconds=2.0, passed=False)
+    r = mod.summarise([run(0, 1.0, 0.8), run(1, 0.9, 0.9)])
+    assert r['seeds'] == [0, 1] and len(r['runs']) == 2 and r['trained_on'] == ['s'] and r['total_seconds'] == 4.0
+    assert abs(r['overfit_mean_dice'] - 0.9) < 1e-9 and abs(r['overfit_mean_dice_sd'] - 0.0) < 1e-9
+    assert abs(r['overfit_dice']['x'] - 0.95) < 1e-9 and abs(r['overfit_dice_sd']['x'] - 0.05 * 2 ** 0.5) < 1e-9
+    assert abs(r['held_out_dice_sd']['y']) < 1e-9 and r['train_loss'] == [2.0, 1.5]
+    assert r['passed'] == (r['overfit_mean_dice'] >= mod.TARGET)
+    one = mod.summarise([run(3, 0.5, 0.5)])
+    assert one['overfit_mean_dice_sd'] == 0.0 and one['seeds'] == [3]
