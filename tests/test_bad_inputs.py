@@ -708,9 +708,9 @@ def case_official_keys_with_wrong_shapes(tmp):
 
 @case('checkpoints')
 def case_teacher_entry_not_a_state_dict(tmp):
-    from unimiss.checkpoint import split_official
+    from unimiss.checkpoint import select_network
     torch.save(dict(teacher=[1, 2], epoch=3), tmp/'t.pth')
-    with raises(ValueError, "'teacher'", 'list'): split_official(tmp/'t.pth')
+    with raises(ValueError, "'teacher'", 'list'): select_network(tmp/'t.pth')
 
 @case('checkpoints')
 def case_teacher_entry_not_a_state_dict_finetune(tmp):

@@ -266,7 +266,7 @@ def select_network(src, # path or loaded checkpoint (any layout unimiss reads), 
         else: backbone[k.removeprefix('backbone.')] = v
     return backbone, head
 
-split_official = select_network   # the earlier name (`unimiss.mitplus`, the pretraining notebook)
+split_official = select_network   # the earlier name, kept for code written against it
 
 def _is_official(keys) -> bool:
     return any(k.startswith(('transformer.', 'DecEmbed', 'Decblock', 'DecPosEmbed')) for k in keys)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .mit import (CONV, CONV_T, ConvNormAct, Block, EncoderStage, EncoderOutput, FeatureOutput, MiT,
                          dim_key, map_to_tokens, maybe_checkpoint, tokens_to_map, resize_pos_embed, run_blocks, _as_tuple, _init_weights)
 from .checkpoint import (_depths, _rename, compile_key_rules, infer_img_sizes, load_unimiss_state,
-                                official_head_to_unimiss, official_to_unimiss, split_official, to_official_checkpoint,
+                                official_head_to_unimiss, official_to_unimiss, select_network, to_official_checkpoint,
                                 to_official_state_dict)
 
 # %% auto #0
@@ -297,7 +297,7 @@ def load_official_plus(src, # path, loaded checkpoint, `student`/`teacher` dict 
                        return_head:bool=False, # also return the DINO head weights (unimiss `DINOHead` layout)
                        **kwargs): # more `MiTPlus` arguments, e.g. drop_path_rate
     "Build the `MiTPlus` an official UniMiSS+ checkpoint holds and load its weights, strictly."
-    backbone, head = split_official(src, which)
+    backbone, head = select_network(src, which)
     model = MiTPlus(**(infer_mitplus_config(backbone, img_size3d) | kwargs))
     load_unimiss_state(model, official_to_unimiss(backbone, official_plus_to_unimiss_key, 'MiT+'))
     return (model, official_head_to_unimiss(head)) if return_head else model

@@ -314,13 +314,12 @@ class SelfDistillation:
         # in 2D epochs the 3D-only weights take no part, hence find_unused_parameters
         self.model = (DistributedDataParallel(self.student, find_unused_parameters=True) if distributed
                       else self.student)
-        self.loss = DINOLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum).to(self.device)
+        new_loss = lambda: DINOLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum).to(self.device)
+        self.loss = new_loss()
         # with `center_per_dim`, CT steps centre (and monitor) their teacher with a centre of their own
-        self.loss_3d = (DINOLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum).to(self.device)
-                        if cfg.center_per_dim else self.loss)
+        self.loss_3d = new_loss() if cfg.center_per_dim else self.loss
         # with `center_per_path`, the slice-averaged CT teacher is centred by the mean of its own outputs
-        self.loss_slices = (DINOLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum).to(self.device)
-                            if cfg.center_per_path else None)
+        self.loss_slices = new_loss() if cfg.center_per_path else None
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0., **_adamw_impl(self.device))
         self.scaler = torch.amp.GradScaler('cuda') if cfg.precision == 'fp16' else None
         dims = getattr(backbone, 'spatial_dims', (2, 3))
