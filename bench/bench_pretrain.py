@@ -86,17 +86,27 @@ def ours_step(sd, views, hp, times):
 
 
 class OfficialStyle:
-    "The authors' step structure around the same backbone and head (for a like-for-like comparison)."
-    def __init__(self, sd):
-        self.student, self.teacher, self.loss = sd.student, sd.teacher, DINOLoss(sd.cfg.out_dim)
+    """The authors' step structure (`main.py`'s `train_one_epoch3D`) around a student and a teacher network.
+
+    `nets=None`: our backbone and head (the networks of `sd`), called as the official MiT is used (a like-for-like
+    comparison of the step structure alone). `nets=(student, teacher)`: the authors' own networks (`official_nets`),
+    so that the comparison is end to end."""
+    def __init__(self, sd, nets=None):
+        self.loss = DINOLoss(sd.cfg.out_dim)
+        if nets is None: self.student, self.teacher, self.net = sd.student, sd.teacher, self.our_net
+        else: (self.student, self.teacher), self.net = nets, self.official_net
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=0., foreach=False, fused=False)
 
     @staticmethod
-    def net(m, x):
+    def our_net(m, xs):
         # the official MiT has no CLS-only path: its last decoder block runs on every token (`forward_features`); its
         # head is a `weight_norm` linear that builds its (K, 256) weight in each call (the parametrized `last_layer`
         # does the same; ours never builds it, `CosinePrototypes`), and it runs on every row, slices included
-        return m.head.last_layer(m.head.project(m.backbone.forward_features(x).cls))
+        return m.head.last_layer(m.head.project(m.backbone.forward_features(torch.cat(xs)).cls))
+
+    @staticmethod
+    def official_net(m, xs):
+        return m(list(xs))  # the official `ModuleWrapper`: one backbone call on the concatenated batches, then the head
 
     @staticmethod
     def clip(model, clip):
@@ -115,29 +125,35 @@ class OfficialStyle:
         self.loss.update_center(t)  # the official loss moves the centre in each call
         return l
 
+    def forward_loss(self, views, temp):
+        "Teacher and student on the volumes and (3-channel copies of) their slices; the 4 loss terms, as `main.py`."
+        B, D = views[0].shape[0], views[0].shape[2]
+        slices = [v.reshape(-1, 1, *v.shape[-2:]).repeat_interleave(3, 1) for v in views]
+        t = _now()
+        t_v = self.net(self.teacher, views)  # teacher params have requires_grad=False, as officially
+        t_s = self.net(self.teacher, slices).view(len(views) * B, D, -1).mean(1)
+        t_fwd = _now() - t
+        s_v = self.net(self.student, views)
+        s_s = self.net(self.student, slices).view(len(views) * B, D, -1).mean(1)
+        terms = [self.loss_and_center(s_v, t_v, temp), self.loss_and_center(s_s, t_v, temp),
+                 self.loss_and_center(s_s, t_s, temp), self.loss_and_center(s_v, t_s, temp)]
+        return sum(terms), terms, t_fwd
+
     def step(self, views, hp, times):
-        ckpt = self.student.backbone.grad_checkpointing  # the official code has no checkpointing: off for its steps
-        self.student.backbone.set_grad_checkpointing(False)
+        ckpt = getattr(self.student.backbone, 'grad_checkpointing', False)  # the official code has no checkpointing
+        if ckpt: self.student.backbone.set_grad_checkpointing(False)
         try: return self._step(views, hp, times)
-        finally: self.student.backbone.set_grad_checkpointing(ckpt)
+        finally:
+            if ckpt: self.student.backbone.set_grad_checkpointing(True)
 
     def _step(self, views, hp, times):
         for i, g in enumerate(self.optimizer.param_groups):
             g['lr'] = hp['lr']
             if i == 0: g['weight_decay'] = hp['weight_decay']
-        D = views[0].shape[2]
-        vols = torch.cat(views)
-        slices = torch.cat([v.reshape(-1, 1, *v.shape[-2:]).repeat_interleave(3, 1) for v in views])
         t = _now()
-        t_v = self.net(self.teacher, vols)  # teacher params have requires_grad=False, as officially
-        t_s = self.net(self.teacher, slices).view(len(vols), D, -1).mean(1)
-        times['teacher_fwd'].append(_now() - t); t = _now()
-        s_v = self.net(self.student, vols)
-        s_s = self.net(self.student, slices).view(len(vols), D, -1).mean(1)
-        temp = hp['teacher_temp']
-        loss = (self.loss_and_center(s_v, t_v, temp) + self.loss_and_center(s_s, t_v, temp) +
-                self.loss_and_center(s_s, t_s, temp) + self.loss_and_center(s_v, t_s, temp))
-        times['student_fwd'].append(_now() - t); t = _now()
+        loss, _, t_fwd = self.forward_loss(views, hp['teacher_temp'])
+        times['teacher_fwd'].append(t_fwd)
+        times['student_fwd'].append(_now() - t - t_fwd); t = _now()
         if not torch.isfinite(loss): raise FloatingPointError('non-finite loss')
         self.optimizer.zero_grad()
         loss.backward()
@@ -153,30 +169,92 @@ class OfficialStyle:
         return float(loss.detach())
 
 
+def official_nets(sd, official_dir):
+    """Student and teacher built from the authors' code (the `UniMiSS/` folder of a YtongXie/UniMiSS-code checkout):
+    their MiT and DINO `Head` in their `ModuleWrapper`, holding the weights of `sd`'s student (official key layout)."""
+    import contextlib, io
+    from unimiss.checkpoint import to_official_state_dict, unimiss_head_to_official
+    if not os.path.isfile(os.path.join(official_dir, 'models', 'MiT.py')):
+        raise SystemExit(f"--official {official_dir}: models/MiT.py not found there (expected the UniMiSS/ folder)")
+    sys.path.insert(0, official_dir)
+    from models import MiT as off
+    import utils as off_utils  # the checkout's utils.py (its `ModuleWrapper`)
+    cfg, bb = sd.cfg, sd.student.backbone
+    state = to_official_state_dict(bb) | {f'__head__.{k}': v for k, v in
+                                           unimiss_head_to_official(sd.student.head.state_dict()).items()}
+    def make():
+        with contextlib.redirect_stdout(io.StringIO()):  # the official factories print parameter counts
+            m = getattr(off, f'model_{cfg.arch}')(norm2D='IN2', norm3D='IN3', act='LeakyReLU', ws=False,
+                                                  img_size2D=cfg.img_size_2d, img_size3D=list(cfg.img_size_3d),
+                                                  modal_type='MM', drop_path_rate=cfg.drop_path_rate)
+        head = off.Head(bb.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer)
+        m.load_state_dict({k: v for k, v in state.items() if not k.startswith('__head__.')})
+        head.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith('__head__.')})
+        return off_utils.ModuleWrapper(m, head).to(sd.device)
+    student, teacher = make(), make()
+    for p in teacher.parameters(): p.requires_grad = False  # as `main.py`
+    return student, teacher
+
+
+def same_function(sd, nets, views, temp):
+    """One official-style forward and loss with our networks and with the authors' (`nets`), from the same weights,
+    stochastic depth off on both: the loss of each and the largest logit difference (float32 rounding expected)."""
+    from unimiss.mit import DropPath
+    drops = [m for m in sd.student.modules() if isinstance(m, DropPath)]
+    ps = [m.p for m in drops]
+    for m in drops: m.p = 0.
+    try:
+        with torch.no_grad():
+            a, b = OfficialStyle(sd), OfficialStyle(sd, nets)
+            la, ta, _ = a.forward_loss(views, temp)
+            lb, tb, _ = b.forward_loss(views, temp)
+            logit = max(float((a.net(n1, views) - b.net(n2, views)).abs().max())
+                        for n1, n2 in ((a.student, b.student), (a.teacher, b.teacher)))
+    finally:
+        for m, p in zip(drops, ps): m.p = p
+    return dict(loss_ours_nets=float(la), loss_official_nets=float(lb), loss_abs_diff=abs(float(la) - float(lb)),
+                terms_abs_diff=max(abs(float(x) - float(y)) for x, y in zip(ta, tb)), volume_logits_max_abs_diff=logit)
+
+
 def compare(sd, views, hp, a):
-    """Alternate the unimiss step, the official-style step and (with `--grad-checkpointing`) the unimiss step with
-    activation checkpointing, step by step in one process; medians of each and their ratios (wall and CPU time)."""
-    official, backbone = OfficialStyle(sd), sd.student.backbone
-    scratch = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
-    names = ['unimiss', 'official'] + (['unimiss_ckpt'] if a.grad_checkpointing else [])
-    wall, cpu, load = {n: [] for n in names}, {n: [] for n in names}, []
+    """Alternate the unimiss step, the official step ('official': the authors' networks with `--official DIR`, else
+    our networks; 'official_our_nets': our networks in the official step structure, with `--official-backbone both`)
+    and (with `--grad-checkpointing`) the unimiss step with activation checkpointing, step by step in one process;
+    medians of each and their ratios (wall and CPU time)."""
+    backbone, scratch = sd.student.backbone, {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
+    runners, check = {}, None
+    if a.official:
+        nets = official_nets(sd, a.official)
+        check = same_function(sd, nets, views, hp['teacher_temp'])
+        runners['official'] = OfficialStyle(sd, nets)
+        if a.official_backbone == 'both': runners['official_our_nets'] = OfficialStyle(sd)
+    else: runners['official'] = OfficialStyle(sd)
+    names = ['unimiss', *runners] + (['unimiss_ckpt'] if a.grad_checkpointing else [])
+    wall, cpu, load, first_loss = {n: [] for n in names}, {n: [] for n in names}, [], {}
     for i in range(a.warmup + a.steps):
-        for name in names:
+        for name in (names if i % 2 == 0 else names[::-1]):  # alternate the order: neither side always runs first
             backbone.set_grad_checkpointing(name == 'unimiss_ckpt')
             t, c = _now(), time.process_time()
-            sd.step(views, **hp) if name != 'official' else official.step(views, hp, scratch)
+            loss = sd.step(views, **hp)['loss'] if name not in runners else runners[name].step(views, hp, scratch)
             if i >= a.warmup:
                 wall[name].append(_now() - t); cpu[name].append(time.process_time() - c)
+            first_loss.setdefault(name, round(loss, 5))
         if i >= a.warmup: load.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in wall.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
-    res = dict(bench='pretrain_3d_step', mode='compare', arch=a.arch, variants=names, precision=a.precision,
-               threads=a.threads, batch=a.batch, out_dim=a.out_dim, steps=a.steps,
+    res = dict(bench='pretrain_3d_step', mode='compare', arch=a.arch, variants=names,
+               official_networks='authors' if a.official else 'ours', precision=a.precision,
+               threads=a.threads, batch=a.batch, out_dim=a.out_dim, steps=a.steps, warmup=a.warmup,
                s_per_step={k: round(v, 3) for k, v in med.items()},
                cpu_s_per_step={k: round(v, 3) for k, v in cmed.items()},
                speedup_vs_official=round(med['official'] / med['unimiss'], 3),
-               cpu_speedup_vs_official=round(cmed['official'] / cmed['unimiss'], 3),
-               s_per_step_all={k: [round(x, 3) for x in v] for k, v in wall.items()},
+               cpu_speedup_vs_official=round(cmed['official'] / cmed['unimiss'], 3))
+    if 'official_our_nets' in runners:
+        res.update(speedup_vs_official_our_nets=round(med['official_our_nets'] / med['unimiss'], 3),
+                   cpu_speedup_vs_official_our_nets=round(cmed['official_our_nets'] / cmed['unimiss'], 3))
+    if check: res['same_function_check'] = check
+    res.update(first_step_loss=first_loss, s_per_step_all={k: [round(x, 3) for x in v] for k, v in wall.items()},
+               cpu_s_per_step_all={k: [round(x, 3) for x in v] for k, v in cpu.items()},
                loadavg_1min=[round(x, 2) for x in load], torch=torch.__version__)
     if a.grad_checkpointing:
         res.update(ckpt_time_vs_unimiss=round(med['unimiss_ckpt'] / med['unimiss'], 3),
@@ -320,7 +398,16 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=2, help='CT sub-volumes per step (each in 2 views)')
     p.add_argument('--out-dim', type=int, default=65536)
     p.add_argument('--json', action='store_true', help='print one JSON line')
+    p.add_argument('--official', metavar='DIR', help="the UniMiSS/ folder of an official checkout: the official step "
+                   "runs the authors' MiT and head (holding our weights) instead of ours")
+    p.add_argument('--official-backbone', choices=['authors', 'ours', 'both'], default=None,
+                   help="networks of the official step: the authors' (default with --official), ours (default "
+                        "without), or both in one run (--mode compare)")
     a = p.parse_args(argv)
+    a.official_backbone = a.official_backbone or ('authors' if a.official else 'ours')
+    if a.official_backbone != 'ours' and not a.official:
+        p.error(f"--official-backbone {a.official_backbone} needs --official DIR (the authors' networks)")
+    if a.official_backbone == 'ours': a.official = None
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     hp = dict(lr=1e-4, weight_decay=0.04, momentum=0.996, teacher_temp=0.04)
@@ -329,7 +416,9 @@ def main(argv=None):
     sd, views = setup(a, a.batch)
     if a.mode == 'compare': return compare(sd, views, hp, a)
     if a.device != 'cpu': torch.cuda.reset_peak_memory_stats()
-    runner = OfficialStyle(sd) if a.mode == 'official' else None
+    runner = None
+    if a.mode == 'official':
+        runner = OfficialStyle(sd, official_nets(sd, a.official) if a.official else None)
     times = {k: [] for k in ('teacher_fwd', 'student_fwd', 'backward', 'adamw', 'ema_center')}
     totals, base = [], None
     for i in range(a.warmup + a.steps):
@@ -343,6 +432,7 @@ def main(argv=None):
     if not runner:  # the same step again, cut into phases
         for _ in range(a.phase_steps): ours_step(sd, views, hp, times)
     res = dict(bench='pretrain_3d_step', mode=a.mode, arch=a.arch, grad_checkpointing=a.grad_checkpointing,
+               official_networks=('authors' if a.official else 'ours') if a.mode == 'official' else None,
                precision=a.precision, threads=a.threads, batch=a.batch,
                out_dim=a.out_dim, steps=a.steps, s_per_step=round(statistics.median(totals), 3),
                s_per_step_min=round(min(totals), 3), steps_per_s=round(1 / statistics.median(totals), 3),
