@@ -138,11 +138,14 @@ class SpatialReductionAttention(nn.Module):
                 cls_only:bool=False): # only the CLS token attends (output (B, 1, C)); keys/values still see all tokens
         B, N, C = x.shape
         h, Nq = self.num_heads, 1 if cls_only else N
-        q = self.q(x[:, :Nq]).reshape(B, Nq, h, C // h).transpose(1, 2)
+        # no slice that covers all of `x`, and one `split` instead of two slices: the backward pass of a slice fills a
+        # zero gradient the size of `x` and adds it, the backward pass of a split is one concatenation
+        q = self.q(x if Nq == N else x[:, :Nq]).reshape(B, Nq, h, C // h).transpose(1, 2)
         if self.sr_ratio > 1:
             p = N - math.prod(grid)  # 1 with a CLS token (kept out of the reduction), 0 without
-            reduced, _ = conv_tokens(self.sr[dim_key(len(grid))], x[:, p:], grid)
-            x = self.norm(torch.cat([x[:, :p], reduced], dim=1))
+            prefix, patches = x.split([p, N - p], dim=1)
+            reduced, _ = conv_tokens(self.sr[dim_key(len(grid))], patches, grid)
+            x = self.norm(torch.cat([prefix, reduced], dim=1))
         k, v = self.kv(x).reshape(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
         if return_attn:
             attn = (q @ k.transpose(-2, -1) * (C // h) ** -0.5).softmax(-1)
@@ -239,7 +242,8 @@ class EncoderStage(nn.Module):
         "`x`: (B, C_in, *grid_in) → (CLS (B, 1, C), feature map (B, C, *grid_in/2), attention maps or None)."
         t, grid = self.tokens(x, cls, dim_key(x.ndim - 2))
         t, attn = run_blocks(self.blocks, t, grid, return_attn, checkpoint=self.grad_checkpointing)
-        return t[:, :1], tokens_to_map(t[:, 1:], grid), attn
+        cls, patches = t.split([1, t.shape[1] - 1], dim=1)  # one split: see `SpatialReductionAttention.forward`
+        return cls, tokens_to_map(patches, grid), attn
 
 def maybe_checkpoint(fn, *args, enable:bool=False):
     "`fn(*args)`, recomputed in the backward pass instead of keeping its activations when `enable` and gradients are on."
@@ -284,7 +288,9 @@ class DecoderStage(nn.Module):
         t = torch.cat([self.cls_proj(cls), up + map_to_tokens(skip)], dim=1)
         t = t + resize_pos_embed(self.pos_embed[key], self.pos_grids[key], grid)
         t, attn = run_blocks(self.blocks, t, grid, return_attn, cls_only, self.grad_checkpointing)
-        return t[:, :1], None if cls_only else tokens_to_map(t[:, 1:], grid), attn
+        if cls_only: return t, None, attn  # the last block returned the CLS row alone
+        cls, patches = t.split([1, t.shape[1] - 1], dim=1)
+        return cls, tokens_to_map(patches, grid), attn
 
 # %% ../nbs/00_mit.ipynb #57751212
 class EncoderOutput(NamedTuple):
