@@ -7,6 +7,8 @@ teacher update.
     python bench/bench_pretrain.py --json                  # unimiss step, one JSON line
     python bench/bench_pretrain.py --json --mode official  # the authors' step structure on the same backbone
     python bench/bench_pretrain.py --json --mode compare   # both, alternating step by step in one process
+    python bench/bench_pretrain.py --json --mode compare --official /tmp/official/UniMiSS   # end to end: their networks
+    python bench/bench_pretrain.py --json --mode compare --official DIR --official-backbone both  # and ours in their step
     python bench/bench_pretrain.py --json --mode compare --grad-checkpointing   # also ours with checkpointing
     python bench/bench_pretrain.py --json --device cuda --precision bf16 [--compile] [--batch 24]
     python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
@@ -18,10 +20,22 @@ teacher and student calls for volumes and slices (the slices copied to 3 channel
 on every token (the official MiT has no CLS-only path), the head on all 68 rows before averaging the slices with
 its `weight_norm` prototype matrix built in each call, the centre moved inside each of the 4 loss terms, the
 per-parameter clipping loop with a host read per parameter, a for-loop AdamW and an EMA loop over all parameters.
+With `--official DIR` (the `UniMiSS/` folder of a YtongXie/UniMiSS-code checkout: `git archive HEAD UniMiSS | tar -x`)
+the official step runs the authors' own networks instead of ours: their `MiT` (`model_tiny`/`model_small`, instance
+norms and LeakyReLU as their `main.py` builds it) and their DINO `Head` in their `ModuleWrapper`, imported from the
+checkout and holding our initial weights (`to_official_state_dict`, official key layout), so the ratio is end to end:
+their networks in their step structure against ours in ours. Before timing, one official-style forward and loss runs
+on both sets of networks from the same weights (stochastic depth off) and `same_function_check` reports the two
+losses and the largest logit difference: they agree to float32 rounding. Their `model_tiny`/`model_small` drop the
+`drop_path_rate` they are given, so the authors' student trains without stochastic depth; ours keeps its 0.1 (each as
+its code runs). `--official-backbone ours` keeps the earlier like-for-like comparison of the step structure alone
+(our networks in both steps), `both` times the two in one run (`official_our_nets`).
 `--mode compare` alternates ours, the official-style step and (with `--grad-checkpointing`) ours with activation
-checkpointing, step by step in one process, so that a busy machine slows all alike; the speed-ups are ratios of
-medians, of wall time and of the process's CPU time (steadier on a shared machine at `--threads 1`), and each step
-records the 1-minute load average.
+checkpointing, step by step in one process (the order reversed every other step), so that a busy machine slows all
+alike; the speed-ups are ratios of medians, of wall time and of the process's CPU time (steadier on a shared machine
+at `--threads 1`), and each step records the 1-minute load average. `first_step_loss` is each variant's first loss;
+they differ (stochastic depth draws, where the official loss moves its centre, and `official_our_nets` shares our
+networks, so it starts from weights our first step already moved): `same_function_check` is the like-for-like one.
 
 Memory. `peak_rss_gb` is the process's peak resident set (libraries, model, optimiser state and the step).
 `step_peak_gb` is the step's own peak: the RSS after setup and `--warmup` steps (optimiser state allocated, freed

@@ -56,7 +56,13 @@ class ConvNormAct(nn.Sequential):
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
     def forward(self, x):
-        x, n = self.conv(x), self.norm
+        c, n = self.conv, self.norm
+        if x.shape[1] > 1 and x.stride(1) == 0 and c.groups == 1:
+            # the channels are views of one (CT slices expanded for the X-ray stem, `volume_to_slices`): the conv is
+            # linear, so it equals the conv of that channel with the weights summed over the input channels, at 1/C
+            # of the work and without materialising the copies; the gradient of every weight is the same as well
+            x = c._conv_forward(x[:, :1], c.weight.sum(1, keepdim=True), c.bias)
+        else: x = c(x)
         if n.affine and not n.track_running_stats:
             # instance norm = group norm with one group per channel (same statistics, same per-channel affine): torch's
             # group-norm kernel is 1.2-3x faster than its instance norm (a batch norm over a (1, B·C, ...) view) on the
