@@ -14,6 +14,7 @@ teacher update.
     python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
     python bench/bench_pretrain.py --json --grad-checkpointing          # activation checkpointing in the student
     python bench/bench_pretrain.py --json --mode memory --archs tiny small --batches 2 8 --warmup 1 --steps 1
+    python bench/bench_pretrain.py --profile 25 --threads 1    # where our step's time goes (torch.profiler table)
 
 `--mode official` re-enacts how the authors' `main.py` runs the same step on the same backbone weights: separate
 teacher and student calls for volumes and slices (the slices copied to 3 channels), the MiT's last decoder block
@@ -277,6 +278,16 @@ def compare(sd, views, hp, a):
     return res
 
 
+def profile(sd, views, hp, a):
+    "Top `a.profile` ops by self CPU time of one unimiss step (after `a.warmup` steps), as torch.profiler's table."
+    from torch.profiler import ProfilerActivity, profile as prof
+    for _ in range(max(1, a.warmup)): sd.step(views, **hp)
+    with prof(activities=[ProfilerActivity.CPU]) as p: sd.step(views, **hp)
+    table = p.key_averages().table(sort_by='self_cpu_time_total', row_limit=a.profile)
+    print(table)
+    return table
+
+
 def setup(a, batch):
     "A `SelfDistillation` on `a.device` and two random views of `batch` CT sub-volumes."
     cfg = load_config(arch=a.arch, grad_checkpointing=a.grad_checkpointing, out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
@@ -412,6 +423,9 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=2, help='CT sub-volumes per step (each in 2 views)')
     p.add_argument('--out-dim', type=int, default=65536)
     p.add_argument('--json', action='store_true', help='print one JSON line')
+    p.add_argument('--profile', type=int, metavar='N', default=0,
+                   help="instead of timing: a torch.profiler table of the N ops with the most self CPU time in one "
+                        "unimiss step (after --warmup steps)")
     p.add_argument('--official', metavar='DIR', help="the UniMiSS/ folder of an official checkout: the official step "
                    "runs the authors' MiT and head (holding our weights) instead of ours")
     p.add_argument('--official-backbone', choices=['authors', 'ours', 'both'], default=None,
@@ -428,6 +442,7 @@ def main(argv=None):
     if a.max_batch: return max_batch(a, hp)
     if a.mode == 'memory': return memory(a)
     sd, views = setup(a, a.batch)
+    if a.profile: return profile(sd, views, hp, a)
     if a.mode == 'compare': return compare(sd, views, hp, a)
     if a.device != 'cpu': torch.cuda.reset_peak_memory_stats()
     runner = None
