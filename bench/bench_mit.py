@@ -13,6 +13,7 @@ counted, so the bound is conservative) and divides them by the best matrix-produ
 faster than that. The table then shows how much faster than the official model any implementation could be.
 
     python bench/bench_mit.py [--threads 2] [--reps 15] [--official /path/to/UniMiSS] [--compile] [--bound] [--json]
+                              [--configs small:2 tiny:3]
 """
 import argparse, json, os, resource, statistics, subprocess, sys, time
 
@@ -117,6 +118,8 @@ def main():
     p.add_argument('--compile', action='store_true', help="also measure torch.compile(model)")
     p.add_argument('--bound', action='store_true', help="also report the FLOP lower bound (see above)")
     p.add_argument('--json', action='store_true', help="print one JSON line per result instead of a table")
+    p.add_argument('--configs', nargs='+', metavar='ARCH:DIMS', default=[f'{a}:{d}' for a, d in CONFIGS],
+                   help="configurations to measure, e.g. small:2 tiny:3 (default: all four)")
     p.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -125,8 +128,14 @@ def main():
     if args.official and not os.path.isfile(os.path.join(args.official, 'models', 'MiT.py')):
         p.error(f"--official {args.official}: models/MiT.py not found there")
     impls = ['unimiss'] + (['compiled'] if args.compile else []) + (['official'] if args.official else [])
+    configs = []
+    for c in args.configs:
+        arch, _, d = c.partition(':')
+        if (arch, int(d) if d.isdigit() else d) not in CONFIGS:
+            p.error(f"--configs {c}: expected ARCH:DIMS with ARCH tiny or small and DIMS 2 or 3")
+        configs.append((arch, int(d)))
     results = []
-    for arch, d in CONFIGS:
+    for arch, d in configs:
         rounds = {impl: [] for impl in impls}
         for k in range(args.rounds):   # alternate the order so that neither side always runs first
             for impl in (impls if k % 2 == 0 else impls[::-1]): rounds[impl].append(run(impl, arch, d, args))
