@@ -57,10 +57,11 @@ class ConvNormAct(nn.Sequential):
 
     def forward(self, x):
         c, n = self.conv, self.norm
-        if x.shape[1] > 1 and x.stride(1) == 0 and c.groups == 1:
+        if x.shape[1] > 1 and x.stride(1) == 0 and c.groups == 1 and not x.requires_grad:
             # the channels are views of one (CT slices expanded for the X-ray stem, `volume_to_slices`): the conv is
             # linear, so it equals the conv of that channel with the weights summed over the input channels, at 1/C
             # of the work and without materialising the copies; the gradient of every weight is the same as well
+            # (not when the input itself wants a gradient: each of its channels must get its own share)
             x = c._conv_forward(x[:, :1], c.weight.sum(1, keepdim=True), c.bias)
         else: x = c(x)
         if n.affine and not n.track_running_stats:
