@@ -10,11 +10,12 @@ from unimiss.pretrain import load_config, build_backbone, build_datasets, SelfDi
 from unimiss.checkpoint import read_checkpoint
 
 run = Path(sys.argv[1])
-cfg = load_config(run/'config.yaml', use_2d=True, use_3d=True)
+cfg = load_config(run/'config.yaml')  # the run's own modalities
 torch.manual_seed(0)
 ds = build_datasets(cfg)
-x2 = torch.stack([ds[2][i][0] for i in range(0, len(ds[2]), max(1, len(ds[2]) // 64))][:64])
-n3 = len(ds[3]); x3 = torch.stack([ds[3][i][0] for i in range(n3)])
+inputs = {}
+if 2 in ds: inputs[2] = torch.stack([ds[2][i][0] for i in range(0, len(ds[2]), max(1, len(ds[2]) // 64))][:64])
+if 3 in ds: inputs[3] = torch.stack([ds[3][i][0] for i in range(len(ds[3]))])  # every CT list entry (view 0)
 sd = SelfDistillation(build_backbone(cfg), cfg)
 off = lambda s: float((s.sum() - s.diag().sum()) / (len(s) * (len(s) - 1)))
 ent = lambda p: float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
@@ -22,7 +23,7 @@ cks = sorted(run.glob('checkpoint0*.pth'))
 for ck in [None] + cks:
     if ck is not None: sd.load_state_dict(read_checkpoint(ck))
     row = dict(checkpoint=ck.name if ck else 'init')
-    for d, x in ((2, x2), (3, x3)):
+    for d, x in inputs.items():
         with torch.inference_mode():
             f = sd.teacher.backbone(x); t = sd.teacher.head.logits(sd.teacher.head.project(f))
         fn = F.normalize(f, dim=1)
