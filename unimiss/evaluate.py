@@ -293,15 +293,15 @@ def _patch_splits(dl, size, seeds, test_fraction, n, slab, spacing):
     return out
 
 # %% ../nbs/07_evaluate.ipynb #45074d3a
-PROBE_ARCHS = ('micro', 'tiny', 'small')
+PROBE_ARCHS = ('micro', 'tiny', 'small', 'plus', 'plus_tiny', 'plus_micro')  # MiT sizes, then MiT+ (UniMiSS+) ones
 
 def probe_backbone(checkpoint:str|Path|Mapping, # checkpoint path or dict, or 'random'
-                   arch:str, # 'micro', 'tiny' or 'small'
+                   arch:str, # one of `PROBE_ARCHS`: a MiT size, or a MiT+ one ('plus', 'plus_tiny', 'plus_micro')
                    spatial_dims:int, # 2 (cls2d) or 3 (cls3d, patch3d)
                    img_size:int|Sequence[int], # the probe's input size
                    seed:int=0, # initialisation seed ('random', and weights a checkpoint lacks: none with strict loading)
                   ) -> torch.nn.Module:
-    "A frozen MiT (eval mode) with the checkpoint's weights, or its seeded random initialisation."
+    "A frozen MiT / MiT+ (eval mode) with the checkpoint's weights, or its seeded random initialisation."
     from unimiss.finetune import build_backbone, load_pretrained
     if arch not in PROBE_ARCHS: raise ValueError(f"arch must be one of {PROBE_ARCHS}, got {arch!r}")
     torch.manual_seed(seed)
@@ -419,7 +419,7 @@ def run_probe(checkpoint:str|Path, # checkpoint path or 'random'
 def format_probe(res:Mapping) -> str:
     "A plain-text table of `run_probe`'s result: one row per seed, then mean ± sd."
     cols = ('knn_acc', 'linear_acc', 'linear_auc')
-    lines = [f"{res['task']} probe of {res['checkpoint']} (MiT-{res['arch']}, {res['pool']} features, "
+    lines = [f"{res['task']} probe of {res['checkpoint']} ({'MiT+' if res['arch'].startswith('plus') else 'MiT'} {res['arch']}, {res['pool']} features, "
              f"input {res['img_size']}, k={res['k']})",
              f"{'seed':>6} {'n_train':>8} {'n_test':>7} " + ' '.join(f'{c:>11}' for c in cols)]
     for r in res['per_seed']:
@@ -529,8 +529,8 @@ ARMS = {  # arm -> (use_2d, use_3d, cross_dimensional); 'random' and 'random_plu
 PLUS_ARMS = ('unimiss_plus', 'random_plus')  # the arms of the UniMiSS+ parameter file (a MiT+ arch)
 
 def plus_config_path(config:str|Path|Mapping) -> Path|None:
-    "The UniMiSS+ arms' parameter file that goes with a protocol file: `pretrain_plus_cpu.yaml` beside it (None for a dict)."
-    return Path(config).with_name('pretrain_plus_cpu.yaml') if isinstance(config, (str, Path)) else None
+    "The UniMiSS+ arms' parameter file that goes with a protocol file: `pretrain_plus-cpu.yaml` beside it (None for a dict)."
+    return Path(config).with_name('pretrain_plus-cpu.yaml') if isinstance(config, (str, Path)) else None
 
 def protocol_config(config:str|Path|Mapping) -> dict:
     "Pretraining config keys of a parameter file of the `pretrain` experiment (its `pretrain_options` merged in)."
@@ -554,7 +554,7 @@ def arm_config(arm:str, # a key of `ARMS` other than 'random' / 'random_plus'
     if arm not in ARMS or ARMS[arm] is None: raise ValueError(f"arm must be one of {[a for a in ARMS if ARMS[a]]}, got {arm!r}")
     if arm in PLUS_ARMS:  # its own parameter file: another model and objective on the same corpus and probes
         src = plus_config if plus_config is not None else plus_config_path(config)
-        if src is None: raise ValueError(f"arm {arm!r} needs plus_config (e.g. configs/pretrain_plus_cpu.yaml) when config is a dict")
+        if src is None: raise ValueError(f"arm {arm!r} needs plus_config (e.g. configs/pretrain_plus-cpu.yaml) when config is a dict")
         cfg = load_config(protocol_config(src), **overrides)
         if cfg.objective != 'unimiss_plus':
             raise ValueError(f"{src if isinstance(src, (str, Path)) else 'plus_config'}: arm {arm!r} needs objective "
