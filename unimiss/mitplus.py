@@ -22,9 +22,9 @@ from .checkpoint import (_depths, _rename, compile_key_rules, infer_img_sizes, l
 
 # %% auto #0
 __all__ = ['PLUS_STEM_STRIDES', 'PLUS_PATCH_STRIDES', 'MITPLUS_ARCHS', 'plus_grids', 'PlusDecoderStage', 'ReconstructionHead',
-           'ReconstructionOutput', 'MiTPlus', 'mit_plus', 'mit_plus_micro', 'official_plus_to_unimiss_key',
-           'unimiss_to_official_plus_key', 'infer_mitplus_config', 'load_official_plus', 'to_official_plus_state_dict',
-           'to_official_plus_checkpoint', 'plus_fixture_dir']
+           'ReconstructionOutput', 'MiTPlus', 'mit_plus', 'mit_plus_tiny', 'mit_plus_micro',
+           'official_plus_to_unimiss_key', 'unimiss_to_official_plus_key', 'infer_mitplus_config', 'load_official_plus',
+           'to_official_plus_state_dict', 'to_official_plus_checkpoint', 'plus_fixture_dir']
 
 # %% ../nbs/00a_mitplus.ipynb #c7b901f6
 PLUS_STEM_STRIDES = {2: (2, 2), 3: (1, 2, 2)}
@@ -235,6 +235,8 @@ class MiTPlus(nn.Module):
 # %% ../nbs/00a_mitplus.ipynb #b6fc14d2
 MITPLUS_ARCHS = {
     'plus': {},
+    'plus_tiny': dict(embed_dims=(32, 64, 128, 160), num_heads=(1, 1, 2, 4), dec_embed_dims=(128, 64, 32),
+                      dec_num_heads=(2, 1, 1), depths=(1, 1, 1, 1), stem_channels=(16, 32)),
     'plus_micro': dict(embed_dims=(16, 32, 40, 40), num_heads=(1, 1, 2, 2), dec_embed_dims=(40, 32, 16),
                        dec_num_heads=(2, 1, 1), depths=(1, 1, 1, 1), stem_channels=(8, 16)),
 }
@@ -242,6 +244,10 @@ MITPLUS_ARCHS = {
 def mit_plus(**kwargs) -> MiTPlus:
     "MiT+ as released with UniMiSS+: encoder depths (1, 2, 4, 2), decoder depths (1, 1, 1), 320-d CLS."
     return MiTPlus(**(MITPLUS_ARCHS['plus'] | kwargs))
+
+def mit_plus_tiny(**kwargs) -> MiTPlus:
+    "A CPU-sized MiT+ (widths 16–160, one block per stage, 160-d CLS) for the CPU protocol; not a published model."
+    return MiTPlus(**(MITPLUS_ARCHS['plus_tiny'] | kwargs))
 
 def mit_plus_micro(**kwargs) -> MiTPlus:
     "A small MiT+ (widths 8–40) for lessons, smoke runs and CI; not a published model."

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import unimiss
 from .config import PRECISIONS, Config, check_precision, resolve_device, seed_everything
 from .mit import MiT, canonical_arch, mit_micro, mit_small, mit_tiny, size_multiple
-from .mitplus import MITPLUS_ARCHS, MiTPlus, mit_plus, mit_plus_micro
+from .mitplus import MITPLUS_ARCHS, MiTPlus, mit_plus, mit_plus_micro, mit_plus_tiny
 from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
     collapse_monitors, cosine_schedule, cross_dimensional_loss, ema_update, param_groups, teacher_temp_schedule,
@@ -55,7 +55,7 @@ __all__ = ['logger', 'ARCHS', 'PretrainConfig', 'load_config', 'epoch_plan', 'Sy
 
 # %% ../nbs/04_pretrain.ipynb #544c62dc
 ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro,
-         'plus': mit_plus, 'plus_micro': mit_plus_micro}  # factories taking MiT (MiT+) arguments
+         'plus': mit_plus, 'plus_tiny': mit_plus_tiny, 'plus_micro': mit_plus_micro}  # factories taking MiT (MiT+) arguments
 
 @dataclass
 class PretrainConfig(Config):
