@@ -44,6 +44,31 @@ def differences(summary, rows) -> list[dict]:
     return sorted(out, key=lambda r: (r['experiment'], r['label_fraction'], str(r['weights'])))
 
 
+def diagnose(weights:str, n_images:int=64) -> dict:
+    "Does the pretrained backbone load fully into both tasks' networks, and how do its features' scales compare to a random one's?"
+    import torch
+    from unimiss.finetune import build_model, load_pretrained
+    from unimiss.evaluate import extract_features, probe_backbone, xray_input
+    from unimiss.samples import data_dir
+    out = {}
+    for task, kind, d, n, size in (('cls2d', 'classification', 2, 2, (64, 64)), ('seg3d', 'segmentation', 3, 8, (16, 64, 64))):
+        torch.manual_seed(0)
+        m = build_model(kind, d, n, 'tiny', size)
+        info = load_pretrained(m, weights)
+        out[f'load_{task}'] = dict(loaded=info['loaded'], of=len(m.backbone.state_dict()), missing=len(info['missing']),
+                                   dropped_other_modality=len(info['dropped']), resized=len(info['resized']))
+    paths = sorted((data_dir(None)/'sources'/'br35h').glob('*/*.jpg'))[::50][:n_images]
+    x = torch.stack([xray_input(q, 64) for q in paths])
+    for name, ckpt in (('pretrained', weights), ('random', 'random')):
+        f = extract_features(probe_backbone(ckpt, 'tiny', 2, 64), x)
+        out[f'cls_features_{name}'] = dict(mean_norm=round(float(f.norm(dim=1).mean()), 3),
+                                           mean_abs=round(float(f.abs().mean()), 4),
+                                           sd_over_images=round(float(f.std(0).mean()), 4),
+                                           mean_cosine_between_images=round(float((torch.nn.functional.normalize(f, dim=1) @
+                                               torch.nn.functional.normalize(f, dim=1).T).mean()), 4))
+    return out
+
+
 def fmt(m, sd, n=None) -> str:
     return f"{m:.3f}" + (f" ± {sd:.3f}" if sd is not None else '') + (f" (n={n})" if n is not None else '')
 
@@ -64,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument('--runs-dir', required=True)
     p.add_argument('--tag', default='cpu*', help="tag pattern of the study's runs (default cpu*)")
     p.add_argument('--out', default=None, help='output path without suffix (default bench/results/finetune_cpu_<date>)')
+    p.add_argument('--weights', default=None, help='also record the diagnostics of these weights (`diagnose`)')
     a = p.parse_args(argv)
     runs = list_runs(a.runs_dir, tag=a.tag)
     if not runs: print(f'error: no runs matching {a.tag!r} under {a.runs_dir}', file=sys.stderr); return 2
@@ -80,6 +106,7 @@ def main(argv=None) -> int:
                differences=diffs,
                runs=[{k: r[k] for k in ('experiment', 'tag', 'status', 'init', 'label_fraction', 'seed', 'metric', 'value', 'wall_s')}
                      for r in rows])
+    if a.weights: res['diagnostics'] = diagnose(a.weights)
     atomic_write(out.with_suffix('.json'), (json.dumps(res, indent=1) + '\n').encode())
     table = markdown(diffs)
     print(table)
