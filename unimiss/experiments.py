@@ -712,12 +712,15 @@ def pretrained_init(weights:str|Path, # a checkpoint: exported teacher, pretrain
     return str(p.resolve()), 'official' if layout == 'official' else 'unimiss'
 
 def _task_params_files(specs:Sequence[str|Path], # 'FILE' (every task) or 'NAME=FILE' (only experiment NAME)
-                       experiments:Sequence[str]) -> dict[str, list]:
+                       experiments:Sequence[str], # the experiments of this study
+                       known:Sequence[str]=(), # every experiment: 'NAME=FILE' of one this study does not run is ignored
+                      ) -> dict[str, list]:
     "The extra parameter files of each fine-tuning experiment, in the order given."
     out = {exp: [] for exp in experiments}
     for spec in specs:
         name, eq, file = str(spec).partition('=')
         if eq and name in out: out[name].append(file)
+        elif eq and name in known: continue  # a file for a task left out of this study (one -f list for every subset)
         elif eq and not Path(spec).is_file():
             raise ValueError(f"params file {spec!r}: {name!r} is not one of this study's experiments ({', '.join(experiments)})")
         else:
@@ -745,7 +748,7 @@ def study(runs_dir:str|Path='runs', # root of the run folders
     for init in inits: check_choice('init', init, ('scratch', 'unimiss'))
     if not _TAG.match(tag): raise ValueError(f"tag {tag!r} must be letters, digits and ._=+- (no slashes or spaces)")
     for exp in experiments: notebook_path(exp, experiments_dir)  # unknown names fail here, before any kernel starts
-    files = _task_params_files(params_files, experiments)
+    files = _task_params_files(params_files, experiments, list_experiments(experiments_dir))
     pretrained = 'unimiss'
     if weights is not None: weights, pretrained = pretrained_init(weights)
     cells = [(exp, init, f, seed) for exp in experiments for init in inits for f in label_fractions for seed in seeds]
@@ -806,7 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--experiments', nargs='+', default=list(FINETUNE_EXPERIMENTS), metavar='NAME',
                    help=f"only these fine-tuning experiments (default: {' '.join(FINETUNE_EXPERIMENTS)})")
     s.add_argument('-f', '--params-file', action='append', default=[], metavar='[NAME=]FILE', help='YAML parameter file '
-                   "applied after each task's *_sample.yaml (repeatable, in order); NAME=FILE: only to experiment NAME")
+                   "applied after each task's *_sample.yaml (repeatable, in order); NAME=FILE: only to experiment NAME "
+                   "(ignored when NAME is not among --experiments)")
     s.add_argument('--tag', default='study', help='prefix of the run tags, <tag>-<init>-<fraction>-seed<N> (default: study); '
                    "`report --tag '<tag>*'` shows this study alone")
     return p
