@@ -24,7 +24,7 @@ __all__ = ['logger', 'EXPERIMENTS_ENV', 'FINETUNE_EXPERIMENTS', 'PAPER_RESULTS',
            'save_figure', 'flatten_metrics', 'ExperimentFailed', 'progress_line', 'run_experiment', 'paper_value',
            'list_runs', 'report_rows', 'mean_sd', 'summarize', 'fmt_mean_sd', 'markdown_table', 'report_figure',
            'comparison_table', 'summary_table', 'report', 'torchrun_command', 'launch_torchrun', 'where_results',
-           'study', 'build_parser', 'main']
+           'pretrained_init', 'study', 'build_parser', 'main']
 
 # %% ../nbs/06_experiments.ipynb #06c1a2c9
 EXPERIMENTS_ENV = 'UNIMISS_EXPERIMENTS_DIR'
@@ -153,13 +153,18 @@ def resolve_params(name:str, # experiment name or notebook path
     return {k: _param_value(k, v, declared[k]['default'], where, not typed and k in overrides) for k, v in values.items()}
 
 # %% ../nbs/06_experiments.ipynb #bc52e11f
-def _toy_notebook(path:str|Path, fail:bool=False) -> Path:
+def _toy_notebook(path:str|Path, fail:bool=False,
+                 finetune:bool=False, # also the parameters `study` sets (init, checkpoint, label_fraction), recorded in the metrics
+                ) -> Path:
     "Write a minimal experiment notebook (used by the lessons and tests): noisy mean of `n` draws."
     import nbformat
     v4 = nbformat.v4
+    ft = ("\ninit: str = 'scratch'  # scratch, unimiss or official\ncheckpoint: str = ''  # pretrained weights\n"
+          "label_fraction: float = 1.0  # labelled fraction") if finetune else ''
+    info = ", init=init, label_fraction=label_fraction, checkpoint=checkpoint" if finetune else ''
     cells = [
         v4.new_code_cell("n: int = 100  # number of random draws\nseed: int = 0  # random seed\n"
-                         "scale: float = 1.0  # scale of the draws\nrun_dir: str = ''  # run folder (the runner sets it)",
+                         "scale: float = 1.0  # scale of the draws\nrun_dir: str = ''  # run folder (the runner sets it)" + ft,
                          metadata=dict(tags=['parameters'])),
         v4.new_code_cell("from unimiss.experiments import start_run, save_metrics, save_figure, seed_everything\n"
                          "config = dict(n=n, seed=seed, scale=scale)\nrun = start_run('toy', run_dir, config)"),
@@ -167,7 +172,7 @@ def _toy_notebook(path:str|Path, fail:bool=False) -> Path:
                          ("\nraise RuntimeError('toy failure for the tests')" if fail else "")),
         v4.new_code_cell("import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt\n"
                          "fig, ax = plt.subplots(); ax.hist(x)\nsave_figure(fig, run, 'hist')\n"
-                         "save_metrics(run, dict(mean=float(x.mean()), std=float(x.std())), primary='mean')"),
+                         f"save_metrics(run, dict(mean=float(x.mean()), std=float(x.std())), primary='mean'{info})"),
     ]
     nb = v4.new_notebook(cells=cells)
     nb.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
@@ -388,7 +393,7 @@ def run_experiment(name:str, # experiment name ('pretrain', 'finetune_seg3d', ..
     pm = _papermill()
     nb = notebook_path(name, experiments_dir)
     name = nb.stem
-    params = resolve_params(nb, params_files, overrides)
+    params = resolve_params(nb, params_files, overrides, experiments_dir)  # named files: this checkout's configs/
     base = Path(runs_dir)/name
     if tag is None: tag = _default_tag(base)
     if not _TAG.match(tag): raise ValueError(f"tag {tag!r} must be letters, digits and ._=+- (no slashes or spaces)")
@@ -673,7 +678,7 @@ def _run_or_skip(name, params_files, overrides, tag, runs_dir, experiments_dir, 
     return run_experiment(name, params_files, overrides, tag=tag, runs_dir=runs_dir, experiments_dir=experiments_dir,
                           overwrite=True, quiet=quiet), True
 
-def _frac_tag(f:float) -> str: return f'{round(100 * f):g}pct'
+def _frac_tag(f:float) -> str: return f'{100 * f:.4g}pct'  # 0.1 -> 10pct, 0.125 -> 12.5pct
 
 def _disk_use(folder:Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob('*') if f.is_file())
@@ -691,40 +696,83 @@ def where_results(runs_dir:str|Path, runs:Sequence[Path]=()) -> str:
     lines.append(f"disk used under {runs_dir}: {used / 2**20:.0f} MB (checkpoints are most of it)")
     return '\n'.join(lines)
 
+def pretrained_init(weights:str|Path, # a checkpoint: exported teacher, pretraining checkpoint or the authors' layout
+                    which:str='teacher', # network of a teacher/student checkpoint
+                   ) -> tuple[str, str]:
+    "The absolute path of `weights` and the fine-tuning `init` its layout needs ('unimiss' or 'official'); errors name the file."
+    from unimiss.checkpoint import describe_layout, read_checkpoint, read_pretrained, select_network
+    p = Path(weights).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"weights {weights}: no such file (expected a checkpoint unimiss reads: an exported "
+                                "teacher_backbone.pth, a pretraining checkpoint.pth or the authors' released layout)")
+    try: ckpt = read_checkpoint(p)
+    except ValueError as e: raise ValueError(str(e).splitlines()[0]) from None  # torch's explanation runs over many lines
+    read_pretrained(ckpt, which, name=str(p))  # no backbone, a fine-tuned network, unknown keys: a ValueError naming the file
+    layout = describe_layout(select_network(ckpt, which, str(p))[0])
+    return str(p.resolve()), 'official' if layout == 'official' else 'unimiss'
+
+def _task_params_files(specs:Sequence[str|Path], # 'FILE' (every task) or 'NAME=FILE' (only experiment NAME)
+                       experiments:Sequence[str], # the experiments of this study
+                       known:Sequence[str]=(), # every experiment: 'NAME=FILE' of one this study does not run is ignored
+                      ) -> dict[str, list]:
+    "The extra parameter files of each fine-tuning experiment, in the order given."
+    out = {exp: [] for exp in experiments}
+    for spec in specs:
+        name, eq, file = str(spec).partition('=')
+        if eq and name in out: out[name].append(file)
+        elif eq and name in known: continue  # a file for a task left out of this study (one -f list for every subset)
+        elif eq and not Path(spec).is_file():
+            raise ValueError(f"params file {spec!r}: {name!r} is not one of this study's experiments ({', '.join(experiments)})")
+        else:
+            for exp in out: out[exp].append(spec)
+    return out
+
 def study(runs_dir:str|Path='runs', # root of the run folders
           label_fractions:Sequence[float]=(0.25, 1.0), # labelled fractions of each fine-tuning task
-          inits:Sequence[str]=('scratch', 'unimiss'), # initialisations to compare
+          inits:Sequence[str]=('scratch', 'unimiss'), # initialisations to compare ('unimiss': the pretrained weights)
           seeds:Sequence[int]=(0, 1, 2), # fine-tuning seeds of every (task, init, fraction) cell
           experiments:Sequence[str]=FINETUNE_EXPERIMENTS, # fine-tuning experiments to run
           fetch:bool=True, # fetch the sample corpus first (`unimiss.samples`)
           resume:bool=True, # skip runs already finished with the same parameters
           experiments_dir:str|Path|None=None,
           quiet:bool=True, # False: a console line per epoch of every run
+          weights:str|Path|None=None, # fine-tune from this checkpoint (see `pretrained_init`) instead of the sample pretraining
+          params_files:Sequence[str|Path]=(), # YAML files applied after each task's `*_sample` file: 'FILE' or 'NAME=FILE'
+          tag:str='study', # run tags are `<tag>-<init>-<fraction>-seed<N>`; `report(tag=f'{tag}*')` shows this study alone
          ) -> str:
-    "Pretrain on the sample corpus, fine-tune every sample task from each `inits` at each fraction; the report table."
+    "Pretrain on the sample corpus (or take `weights`), fine-tune every task from scratch and from them at each fraction; the report table."
     t0 = time.time()
     for f in label_fractions:
         if not 0 < f <= 1: raise ValueError(f"label fractions must be in (0, 1], got {f}")
     if not seeds or len(set(seeds)) != len(seeds): raise ValueError(f"seeds must be distinct, got {list(seeds)}")
     for init in inits: check_choice('init', init, ('scratch', 'unimiss'))
+    if not _TAG.match(tag): raise ValueError(f"tag {tag!r} must be letters, digits and ._=+- (no slashes or spaces)")
     for exp in experiments: notebook_path(exp, experiments_dir)  # unknown names fail here, before any kernel starts
+    files = _task_params_files(params_files, experiments, list_experiments(experiments_dir))
+    pretrained = 'unimiss'
+    if weights is not None: weights, pretrained = pretrained_init(weights)
+    cells = [(exp, init, f, seed) for exp in experiments for init in inits for f in label_fractions for seed in seeds]
+    def over(init, f, seed, ckpt):
+        o = dict(init=init if init == 'scratch' else pretrained, label_fraction=float(f), seed=int(seed))
+        return o if init == 'scratch' else o | dict(checkpoint=ckpt)
+    for exp, init, f, seed in cells:  # every run's parameters checked (files, names, types) before anything runs
+        resolve_params(exp, [f'{exp}_sample', *files[exp]], over(init, f, seed, weights or 'sample-pretraining'), experiments_dir)
     if fetch:
         from unimiss import samples
         logger.info("sample corpus: %s", samples.prepare_samples(progress=False)['root'])
-    pre, pretrained_again = _run_or_skip('pretrain', ['pretrain_sample'], {}, 'study', runs_dir, experiments_dir, resume, quiet)
-    weights = json.loads((pre/'metrics.json').read_text()).get('weights')
-    if not weights: raise RuntimeError(f"the pretraining run {pre} recorded no exported weights in metrics.json")
-    for exp in experiments:
-        for init in inits:
-            for f in label_fractions:
-                for seed in seeds:
-                    over = dict(init=init, label_fraction=float(f), seed=int(seed))
-                    if init != 'scratch': over['checkpoint'] = weights
-                    # new pretrained weights: the runs that start from them are redone
-                    _run_or_skip(exp, [f'{exp}_sample'], over, f'study-{init}-{_frac_tag(f)}-seed{seed}', runs_dir,
-                                 experiments_dir, resume and not (pretrained_again and init != 'scratch'), quiet)
+    pretrained_again = False
+    if weights is None:
+        pre, pretrained_again = _run_or_skip('pretrain', ['pretrain_sample'], {}, 'study', runs_dir, experiments_dir, resume, quiet)
+        weights = json.loads((pre/'metrics.json').read_text()).get('weights')
+        if not weights: raise RuntimeError(f"the pretraining run {pre} recorded no exported weights in metrics.json")
+    for exp, init, f, seed in cells:
+        o = over(init, f, seed, weights)
+        # new pretrained weights: the runs that start from them are redone
+        _run_or_skip(exp, [f'{exp}_sample', *files[exp]], o, f"{tag}-{o['init']}-{_frac_tag(f)}-seed{seed}", runs_dir,
+                     experiments_dir, resume and not (pretrained_again and init != 'scratch'), quiet)
     logger.info("study finished in %.1f min", (time.time() - t0) / 60)
-    return report(runs_dir, tag='study*')
+    return report(runs_dir, tag=f'{tag}*')
+
 
 # %% ../nbs/06_experiments.ipynb #bf3d86fd
 def build_parser() -> argparse.ArgumentParser:
@@ -756,6 +804,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='fine-tuning seeds per cell (default: 0 1 2)')
     s.add_argument('--no-fetch', action='store_true', help='do not fetch the sample corpus first')
     s.add_argument('--restart', action='store_true', help='re-run every step, even those already finished')
+    s.add_argument('--weights', default=None, metavar='PATH', help="fine-tune from this checkpoint instead of pretraining on "
+                   "the samples: an exported teacher_backbone.pth, a pretraining checkpoint or the authors' layout")
+    s.add_argument('--experiments', nargs='+', default=list(FINETUNE_EXPERIMENTS), metavar='NAME',
+                   help=f"only these fine-tuning experiments (default: {' '.join(FINETUNE_EXPERIMENTS)})")
+    s.add_argument('-f', '--params-file', action='append', default=[], metavar='[NAME=]FILE', help='YAML parameter file '
+                   "applied after each task's *_sample.yaml (repeatable, in order); NAME=FILE: only to experiment NAME "
+                   "(ignored when NAME is not among --experiments)")
+    s.add_argument('--tag', default='study', help='prefix of the run tags, <tag>-<init>-<fraction>-seed<N> (default: study); '
+                   "`report --tag '<tag>*'` shows this study alone")
     return p
 
 from .data import cli_entry
@@ -791,10 +848,11 @@ def main(argv:Sequence[str]|None=None) -> int:
             print(report(args.runs_dir, args.name, args.tag))
         elif args.command == 'study':
             t0 = time.time()
-            print(study(args.runs_dir, args.fractions, seeds=args.seeds, fetch=not args.no_fetch, resume=not args.restart,
-                        experiments_dir=args.experiments_dir, quiet=args.quiet))
+            print(study(args.runs_dir, args.fractions, seeds=args.seeds, experiments=args.experiments, fetch=not args.no_fetch,
+                        resume=not args.restart, experiments_dir=args.experiments_dir, quiet=args.quiet,
+                        weights=args.weights, params_files=args.params_file, tag=args.tag))
             print(f'\nstudy wall time: {(time.time() - t0) / 60:.1f} min on {os.cpu_count()} CPU cores')
-            print(where_results(args.runs_dir) + f"\nruns: {Path(args.runs_dir)}/<experiment>/study*/ (each: notebook, "
+            print(where_results(args.runs_dir) + f"\nruns: {Path(args.runs_dir)}/<experiment>/{args.tag}*/ (each: notebook, "
                   "config, metrics, figures, log; fine-tuning checkpoints under finetune/checkpoints/)")
     except ExperimentFailed as e:
         print(f'error: {e}', file=sys.stderr); return 1
