@@ -498,9 +498,9 @@ def compile_blocks(model:nn.Module, # a `MiT`, MiT+ or any module holding transf
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     options = dict(dynamic=False) | options
     options['options'] = dict(fallback_random=True) | options.get('options', {})
-    # every block runs the same `Block.forward`, whose graphs dynamo counts together against one recompile limit:
-    # room for each block in 2D and 3D, with and without gradients, volumes and slices
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(blocks))
+    # every block runs the same `Block.forward`, whose graphs dynamo counts together against one recompile limit: room
+    # for each block of a student and a teacher in 2D and 3D, volumes and slices, and a few more shapes (probes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * len(blocks))
     for blk in blocks: blk.compile(**options)
     return model
 
