@@ -10,6 +10,7 @@ teacher update.
     python bench/bench_pretrain.py --json --mode compare --official /tmp/official/UniMiSS   # end to end: their networks
     python bench/bench_pretrain.py --json --mode compare --official DIR --official-backbone both  # and ours in their step
     python bench/bench_pretrain.py --json --mode compare --grad-checkpointing   # also ours with checkpointing
+    python bench/bench_pretrain.py --json --mode compare --official DIR --compile   # ours with compiled blocks (inductor)
     python bench/bench_pretrain.py --json --device cuda --precision bf16 [--compile] [--batch 24]
     python bench/bench_pretrain.py --json --device cuda --max-batch   # largest batch that fits
     python bench/bench_pretrain.py --json --grad-checkpointing          # activation checkpointing in the student
@@ -258,7 +259,7 @@ def compare(sd, views, hp, a):
     med = {k: statistics.median(v) for k, v in wall.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     res = dict(bench='pretrain_3d_step', mode='compare', arch=a.arch, variants=names,
-               official_networks='authors' if a.official else 'ours', precision=a.precision,
+               official_networks='authors' if a.official else 'ours', precision=a.precision, compile=a.compile,
                threads=a.threads, batch=a.batch, out_dim=a.out_dim, steps=a.steps, warmup=a.warmup,
                s_per_step={k: round(v, 3) for k, v in med.items()},
                cpu_s_per_step={k: round(v, 3) for k, v in cmed.items()},
@@ -291,10 +292,8 @@ def profile(sd, views, hp, a):
 def setup(a, batch):
     "A `SelfDistillation` on `a.device` and two random views of `batch` CT sub-volumes."
     cfg = load_config(arch=a.arch, grad_checkpointing=a.grad_checkpointing, out_dim=a.out_dim, batch_size_3d=batch, img_size_3d=(16, 96, 96),
-                      precision=a.precision, synthetic=1, num_workers=0, progress=False)
-    sd = SelfDistillation(build_backbone(cfg), cfg, a.device)
-    if a.compile:
-        for net in (sd.student, sd.teacher): net.backbone = torch.compile(net.backbone)
+                      precision=a.precision, synthetic=1, num_workers=0, progress=False, compile=a.compile)
+    sd = SelfDistillation(build_backbone(cfg), cfg, a.device)  # `compile`: the transformer blocks (`compile_blocks`)
     return sd, [torch.rand(batch, 1, 16, 96, 96, device=a.device) for _ in range(2)]
 
 
@@ -413,7 +412,8 @@ def main(argv=None):
     p.add_argument('--batches', nargs='+', type=int, default=[2, 8], help='--mode memory: batches to measure')
     p.add_argument('--precision', choices=['32', 'bf16', 'fp16'], default='32', help="'fp16' needs CUDA")
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (GPU: times include a synchronize)")
-    p.add_argument('--compile', action='store_true', help='torch.compile the student and teacher backbones')
+    p.add_argument('--compile', action='store_true', help="torch.compile the transformer blocks of our student and "
+                   "teacher (PretrainConfig.compile; the official step stays eager; compiling runs in --warmup)")
     p.add_argument('--max-batch', action='store_true',
                    help='instead of timing: double --batch until a step runs out of GPU memory; print the largest')
     p.add_argument('--threads', type=int, default=2)

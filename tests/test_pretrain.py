@@ -206,3 +206,25 @@ def test_device_errors():
         with pytest.raises(ValueError, match='CUDA is not available'):
             resolve_device('cuda')
     assert resolve_device('cpu') == torch.device('cpu')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get('UNIMISS_COMPILE_TESTS'), reason="compiling takes minutes on the CPU (over 8 on a "
+                    "shared 2-core machine): set UNIMISS_COMPILE_TESTS=1 to run it")
+def test_compile_matches_eager(tmp_path):
+    """`compile=True` (inductor on the transformer blocks): the losses of a 2D and a 3D epoch agree with eager to float32
+    rounding (stochastic depth on: the compiled blocks draw from torch's generator), with a few static graphs."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset(); counters.clear()
+    logs = {}
+    for compile in (False, True):
+        res = pretrain(tiny(tmp_path/str(compile), epochs=2, log_every=1, compile=compile))  # a 2D, then a 3D epoch
+        logs[compile] = [r for r in read_log(res['log']) if r['type'] == 'iter']
+    assert [r['iteration'] for r in logs[True]] == [r['iteration'] for r in logs[False]] == [0, 1, 2]
+    for a, b in zip(logs[False], logs[True]):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-5), (a['iteration'], a['loss'], b['loss'])
+    # one graph per block (7 in the micro MiT) and path: 2D student + teacher, 3D volumes + slices, the teacher's
+    # CLS-only last block, with and without gradients
+    graphs = counters['stats']['unique_graphs']
+    assert 0 < graphs <= 8 * 7, graphs
+    torch._dynamo.reset()

@@ -19,7 +19,8 @@ import torch.utils.checkpoint
 __all__ = ['CONV', 'CONV_T', 'INSTANCE_NORM', 'MIT_ARCHS', 'dim_key', 'tokens_to_map', 'map_to_tokens', 'ConvNormAct',
            'resize_pos_embed', 'is_patchwise', 'conv_tokens', 'SpatialReductionAttention', 'DropPath', 'Mlp', 'Block',
            'stage_strides', 'EncoderStage', 'maybe_checkpoint', 'run_blocks', 'DecoderStage', 'EncoderOutput',
-           'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple', 'mit_tiny', 'mit_small', 'mit_micro']
+           'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple', 'mit_tiny', 'mit_small', 'mit_micro',
+           'compile_blocks']
 
 # %% ../nbs/00_mit.ipynb #45e283b8
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -488,3 +489,18 @@ def mit_small(**kwargs) -> MiT:
 def mit_micro(**kwargs) -> MiT:
     "A 1.6M-parameter MiT (widths 16–128) for lessons, smoke runs and CI; not a published model."
     return MiT(**(MIT_ARCHS['micro'] | kwargs))
+
+# %% ../nbs/00_mit.ipynb #c0b1e2d4
+def compile_blocks(model:nn.Module, # a `MiT`, MiT+ or any module holding transformer `Block`s
+                   **options # `torch.compile` arguments; default `dynamic=False`, inductor's `fallback_random=True`
+                  ) -> nn.Module:
+    "Compile each transformer `Block` of `model` in place (regional compilation, the convs stay eager); returns `model`."
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    options = dict(dynamic=False) | options
+    options['options'] = dict(fallback_random=True) | options.get('options', {})
+    # every block runs the same `Block.forward`, whose graphs dynamo counts together against one recompile limit: room
+    # for each block of a student and a teacher in 2D and 3D, volumes and slices, and a few more shapes (probes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16 * len(blocks))
+    for blk in blocks: blk.compile(**options)
+    return model
+

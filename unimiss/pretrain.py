@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import unimiss
 from .config import PRECISIONS, Config, check_precision, resolve_device, seed_everything
-from .mit import MiT, canonical_arch, mit_micro, mit_small, mit_tiny, size_multiple
+from .mit import MiT, canonical_arch, compile_blocks, mit_micro, mit_small, mit_tiny, size_multiple
 from .mitplus import MITPLUS_ARCHS, MiTPlus, mit_plus, mit_plus_micro, mit_plus_tiny
 from .ssl import (
     CROSS_TERMS, DINOHead, DINOLoss, SelfDistillationNet, cancel_last_layer_gradients, clip_gradients,
@@ -132,6 +132,7 @@ class PretrainConfig(Config):
     probe_data:str = '' # datalist of the online probe (relative to `data_dir` unless absolute)
     probe_task:str = 'cls2d' # 'cls2d' (at img_size_2d) or 'patch3d' / 'cls3d' (at img_size_3d)
     grad_checkpointing:bool = False # recompute the student's transformer blocks in backward (less memory, same numbers)
+    compile:bool = False # torch.compile the transformer blocks (`compile_blocks`): minutes of compiling, then faster steps
 
     def _check(self) -> list[str]:
         p = []
@@ -311,6 +312,8 @@ class SelfDistillation:
         head = DINOHead(backbone.embed_dim, cfg.out_dim, norm_last_layer=cfg.norm_last_layer)
         self.student = self.net_class(backbone, head).to(self.device)
         self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        if cfg.compile:  # after the copy: each network gets its own compiled blocks
+            for net in (self.student, self.teacher): compile_blocks(net)
         # in 2D epochs the 3D-only weights take no part, hence find_unused_parameters
         self.model = (DistributedDataParallel(self.student, find_unused_parameters=True) if distributed
                       else self.student)
@@ -582,7 +585,7 @@ def _barrier():
 # %% ../nbs/04_pretrain.ipynb #39c07efe
 _RUNTIME_KEYS = {'data_dir', 'list_2d', 'list_3d', 'on_error', 'cache_dir', 'num_workers', 'device', 'output_dir', 'save_every',
                  'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress',
-                 'probe_every', 'probe_data', 'probe_task', 'grad_checkpointing'}
+                 'probe_every', 'probe_data', 'probe_task', 'grad_checkpointing', 'compile'}
 
 def build_backbone(cfg:PretrainConfig) -> nn.Module:
     "The student backbone of `cfg` (MiT with the dimensionalities the run needs)."
