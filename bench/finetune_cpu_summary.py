@@ -57,7 +57,9 @@ def diagnose(weights:str, n_images:int=64) -> dict:
         info = load_pretrained(m, weights)
         out[f'load_{task}'] = dict(loaded=info['loaded'], of=len(m.backbone.state_dict()), missing=len(info['missing']),
                                    dropped_other_modality=len(info['dropped']), resized=len(info['resized']))
-    paths = sorted((data_dir(None)/'sources'/'br35h').glob('*/*.jpg'))[::50][:n_images]
+    src = data_dir(None)/'sources'/'br35h'
+    paths = sorted(src.glob('*/*.jpg'))[::50][:n_images]
+    if not paths: raise SystemExit(f"error: no Br35H images under {src}: point UNIMISS_DATA at the sample cache the runs used")
     x = torch.stack([xray_input(q, 64) for q in paths])
     for name, ckpt in (('pretrained', weights), ('random', 'random')):
         f = extract_features(probe_backbone(ckpt, 'tiny', 2, 64), x)

@@ -30,6 +30,9 @@ from PIL import Image
 from scipy import ndimage
 from torch.utils.data import Dataset, get_worker_info
 
+try: import fcntl  # POSIX file locks (`atomic_write` / `remove_stale_temps`); absent on Windows
+except ImportError: fcntl = None
+
 logger = logging.getLogger(__name__)
 
 # %% auto #0
@@ -141,9 +144,10 @@ def atomic_write(path:str|Path, # destination file
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix  # writers pick the format by it
     # `.NAME.tmp-XXXXXXXX.SUFFIX`: writers pick the format by the suffix, `remove_stale_temps` finds the name
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
     tmp = Path(tmp)
     try:
+        # held until the file is in place: `remove_stale_temps` of a concurrent run leaves a locked temporary alone
+        if fcntl is not None: fcntl.flock(fd, fcntl.LOCK_EX)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
         if callable(content): content(tmp)
         else: tmp.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -151,6 +155,7 @@ def atomic_write(path:str|Path, # destination file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(fd)
     return path
 
 @functools.cache
@@ -161,15 +166,27 @@ def _umask() -> int:
 
 _STALE_TEMP = re.compile(r"^\..+\.tmp(-[a-z0-9_]{8}.*)?$")  # ours, and the `.NAME.tmp` of older writers
 
+def _being_written(path:Path) -> bool:
+    "Whether a live `atomic_write` holds the lock of this temporary (a killed writer's lock is gone with it)."
+    if fcntl is None: return False
+    try: fd = os.open(path, os.O_RDONLY)
+    except OSError: return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError: return True
+    finally: os.close(fd)
+
 def remove_stale_temps(folder:str|Path, # output folder of a run
                        recursive:bool=True, # also its sub-folders
                        of:str|None=None, # only the temporaries of this destination file name
                       ) -> list[Path]:
-    "Delete the temporaries that killed `atomic_write`s left in `folder`; call where no other writer is running. Returns them."
+    "Delete the temporaries that killed `atomic_write`s left in `folder` (not those a running writer holds). Returns them."
     folder = Path(folder)
     if not folder.is_dir(): return []
     pattern = ".*" if of is None else f".{of}.tmp*"
-    found = [p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file() and _STALE_TEMP.match(p.name)]
+    found = [p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern))
+             if p.is_file() and _STALE_TEMP.match(p.name) and not _being_written(p)]
     for p in found: p.unlink(missing_ok=True)
     if found: logger.warning("removed %d temporary file(s) left by an interrupted run in %s, e.g. %s", len(found), folder, found[0].name)
     return found
