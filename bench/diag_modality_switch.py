@@ -98,8 +98,9 @@ def run(a):
 
 def summary(dirs):
     "Per epoch: the teacher's entropy at its first and last step, mean gradient norm and update, online k-NN."
+    from unimiss.pretrain import read_log  # also skips the partial last line of a run stopped while writing it
     for d in dirs:
-        recs = [json.loads(l) for l in open(Path(d)/'log.jsonl')]
+        recs = read_log(d)
         probes = {r['epoch']: r['knn_acc'] for r in recs if r.get('type') == 'probe'}
         for e in sorted({r['epoch'] for r in recs if r.get('type') == 'iter'}):
             it = [r for r in recs if r.get('type') == 'iter' and r['epoch'] == e]
