@@ -17,6 +17,9 @@ by '+'):
   first 20 steps of the block;
 - `head_per_dim`: CT steps (volumes and their slices) use a DINO head of their own (a copy of the initial head, in the
   student and the teacher), X-ray steps the original one; the backbone stays shared. Implies `per_dim`.
+- `freeze_new`: in the first block of epochs of a modality that starts after the other one has trained, the shared
+  backbone weights are frozen: only that modality's patch embedding (and the head) learn, so that the new embedding
+  fits the shared blocks before they move (as linear-probing before fine-tuning does); later blocks train everything.
 
     python bench/diag_modality_switch.py VARIANT SEED OUT_DIR [--epochs 3] [--arm unimiss] [--set KEY=VALUE ...]
     python bench/diag_modality_switch.py --summary OUT_DIR [OUT_DIR ...]   # per-epoch table of finished runs
@@ -28,7 +31,7 @@ import argparse, copy, json, os, sys
 from pathlib import Path
 import torch
 
-VARIANTS = ('single', 'per_dim', 'cinit', 'recenter', 'warm', 'rewarm', 'head_per_dim')
+VARIANTS = ('single', 'per_dim', 'cinit', 'recenter', 'warm', 'rewarm', 'head_per_dim', 'freeze_new')
 
 
 def instrument(variant:str):
@@ -66,12 +69,21 @@ def instrument(variant:str):
         if 'rewarm' in parts:
             self._k = 1 if getattr(self, '_last_d', None) != d else self._k + 1
             kw['lr'] = kw['lr'] * min(1., self._k / 20)
+        if getattr(self, '_last_d', None) != d:  # the first step of a block of one modality
+            seen = getattr(self, '_seen', set())
+            self._freeze = 'freeze_new' in parts and d not in seen and bool(seen)
+            self._seen = seen | {d}
         self._last_d = d
         if 'warm' in parts and d == 3:
             self._k3 = getattr(self, '_k3', 0) + 1
             kw['lr'] = kw['lr'] * min(1., self._k3 / self._ct_epoch)
         before = [p.detach().clone() for p in self._shared]
-        stats = orig(self, views, **kw)
+        flags = [p.requires_grad for p in self._shared]
+        if self._freeze:
+            for p in self._shared: p.requires_grad_(False)
+        try: stats = orig(self, views, **kw)
+        finally:
+            for p, f in zip(self._shared, flags): p.requires_grad_(f)
         num = torch.stack([torch.linalg.vector_norm(p.detach() - b) for p, b in zip(self._shared, before)]).norm()
         den = torch.stack([torch.linalg.vector_norm(b) for b in before]).norm()
         return stats | dict(rel_update_shared=float(num / den))

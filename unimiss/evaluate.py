@@ -33,8 +33,8 @@ __all__ = ['logger', 'TASKS', 'DATALIST_TASKS', 'PROBE_ARCHS', 'PROBE_STRUCTURES
            'read_datalist', 'xray_input', 'volume_input', 'labelled_ct', 'sample_patches', 'interleaved_slabs',
            'ProbeSplit', 'stratified_split', 'load_probe', 'probe_backbone', 'extract_features', 'knn_predict',
            'linear_probe', 'summarise', 'probe', 'run_probe', 'format_probe', 'main', 'OnlineProbe', 'cpu_corpus',
-           'plus_config_path', 'protocol_config', 'arm_config', 'arm_backbone', 'format_table', 'plot_study',
-           'online_probe_keys', 'study_runs', 'study_cpu']
+           'plus_config_path', 'protocol_config', 'arm_config', 'arm_backbone', 'format_table', 'collapse_epochs',
+           'collapse_notes', 'plot_study', 'online_probe_keys', 'study_runs', 'study_cpu']
 
 # %% ../nbs/07_evaluate.ipynb #56aa2d96
 TASKS = ('cls2d', 'cls3d', 'patch3d')
@@ -636,6 +636,20 @@ def _probe_curve(run_dir:Path, splits, arch:str, size) -> list[dict]:
         out.append(dict(epoch=int(ck.stem[-4:]), knn_acc=r['knn_acc_mean']))
     return out
 
+def collapse_epochs(run_dir:str|Path) -> dict:
+    "Epochs (from 1, like `checkpointNNNN.pth`) that a pretraining run logged with a collapsed teacher, by kind."
+    from unimiss.pretrain import read_log  # the `collapse` of each epoch record (`unimiss.pretrain.teacher_collapse`)
+    path, out = Path(run_dir)/'log.jsonl', {}
+    for r in (read_log(path) if path.is_file() else []):
+        if r.get('type') == 'epoch' and r.get('collapse'): out.setdefault(r['collapse'], []).append(r['epoch'] + 1)
+    return out
+
+def collapse_notes(runs:Sequence[Mapping]) -> list[str]:
+    "One markdown line per run of a study whose teacher collapsed in some epoch (its `collapsed` entry)."
+    return [f"- {r['arm']} seed {r['seed']}: " + '; '.join(f"{kind} in epoch{'s' if len(e) > 1 else ''} {', '.join(map(str, e))}"
+                                                          for kind, e in r['collapsed'].items())
+            for r in runs if r.get('collapsed')]
+
 def plot_study(rows:Sequence[Mapping], curves:Mapping[str, list], tasks:Sequence[str]=('2d', '3d')):
     "Bars of k-NN accuracy per arm (error bars: sd over pretraining seeds) per probe, and k-NN against epoch."
     import matplotlib.pyplot as plt
@@ -729,14 +743,20 @@ def study_cpu(out_dir:str|Path='runs/study_cpu', # one folder per run, plus resu
                                                  split_for(t, sizes[t])))
         if ARMS[a] is not None and ARMS[a][0]:
             curves[f'{a} s{s}'] = _probe_curve(run_dir, split_for('2d', sizes['2d']), arch, sizes['2d'])
+        if ARMS[a] is not None: res['collapsed'] = collapse_epochs(run_dir)
         results.append(res)
     rows = _runs_table(results, list(PROBE_TASKS))
     table = format_table(rows, list(PROBE_TASKS))
+    notes = collapse_notes(results)
     fig = plot_study(rows, curves)
     fig.savefig(out/'figure.png', dpi=120)
-    atomic_write(out/'table.md', (table + '\n').encode())
+    # non-learning stays visible next to the numbers: which runs' teachers collapsed, and when
+    atomic_write(out/'table.md', (table + '\n' + ('\nTeachers that collapsed (`collapse` in the run\'s log.jsonl, epochs from 1); such a run\'s probes '
+                                                 'measure what it learnt before:\n\n'
+                                                 + '\n'.join(notes) + '\n' if notes else '')).encode())
     atomic_write(out/'results.json', json.dumps(dict(rows=rows, runs=results, curves=curves), indent=1, default=str).encode())
-    return dict(table=table, rows=rows, runs=results, curves=curves, figure=out/'figure.png', out_dir=out)
+    return dict(table=table, rows=rows, runs=results, curves=curves, collapse_notes=notes, figure=out/'figure.png',
+                out_dir=out)
 
 # %% ../nbs/07_evaluate.ipynb #b046fa3e
 if __name__ == '__main__' and '__file__' in globals() and 'get_ipython' not in globals(): raise SystemExit(main())

@@ -7,6 +7,7 @@ Docs: https://unimiss.github.io/unimiss/pretrain.html.md"""
 # %% ../nbs/04_pretrain.ipynb #325d2014
 from __future__ import annotations
 import argparse
+import collections
 import copy
 import dataclasses
 import io
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = ['logger', 'ARCHS', 'PretrainConfig', 'load_config', 'epoch_plan', 'SyntheticViews', 'view_shape', 'build_datasets',
            'make_loader', 'seed_epoch', 'epoch_batches', 'SelfDistillation', 'copy_checkpoint', 'load_checkpoint',
            'rng_state', 'set_rng_state', 'export_teacher', 'RunLogger', 'read_log', 'plot_log', 'init_distributed',
-           'build_backbone', 'pretrain', 'parse_args', 'main']
+           'teacher_collapse', 'build_backbone', 'pretrain', 'parse_args', 'main']
 
 # %% ../nbs/04_pretrain.ipynb #544c62dc
 ARCHS = {'tiny': mit_tiny, 'small': mit_small, 'micro': mit_micro,
@@ -133,6 +134,8 @@ class PretrainConfig(Config):
     probe_task:str = 'cls2d' # 'cls2d' (at img_size_2d) or 'patch3d' / 'cls3d' (at img_size_3d)
     grad_checkpointing:bool = False # recompute the student's transformer blocks in backward (less memory, same numbers)
     compile:bool = False # torch.compile the transformer blocks (`compile_blocks`): minutes of compiling, then faster steps
+    collapse_warning:bool = True # warn, and name it in the epoch's log record, when an epoch ends with its teacher collapsed (`teacher_collapse`)
+    stop_on_collapse:int = 0 # stop after this many collapsed epochs in a row, checkpoint kept (0: train on)
 
     def _check(self) -> list[str]:
         p = []
@@ -145,7 +148,7 @@ class PretrainConfig(Config):
         for k in ('epochs', 'interval', 'batch_size_2d', 'batch_size_3d', 'out_dim', 'log_every'):
             need(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
         for k in ('synthetic', 'warmup_epochs', 'freeze_last_layer', 'warmup_teacher_temp_epochs', 'num_workers',
-                  'save_every', 'epochs_per_run', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad',
+                  'save_every', 'epochs_per_run', 'stop_on_collapse', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad',
                   'weight_vv', 'weight_vs', 'weight_ss', 'weight_sv', 'weight_drr', 'weight_slices', 'weight_recon'):
             need(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         need(self.lr_3d >= 0, f"lr_3d must be >= 0 (0: the same as lr), got {self.lr_3d}")
@@ -582,10 +585,31 @@ def _gather_rng_states(world:int) -> list:
 def _barrier():
     if dist.is_available() and dist.is_initialized(): dist.barrier()
 
+# %% ../nbs/04_pretrain.ipynb #e711deb9
+def teacher_collapse(entropy:float, # mean teacher entropy in nats (`teacher_entropy`), e.g. over an epoch's last steps
+                     kl_uniform:float, # KL(batch-mean teacher distribution || uniform) in nats (`teacher_kl_uniform`)
+                     out_dim:int, # prototypes K
+                     images:int, # images (volumes) per step and process: a batch of fewer than 8 is not judged 'one_prototype'
+                     tol:float=0.02 # uniform: entropy within this fraction of log K
+                    ) -> str|None:
+    "'uniform' (every image's teacher distribution nearly uniform), 'one_prototype' (a batch of 8 or more images on about 2 prototypes or fewer), or None."
+    log_k = math.log(out_dim)
+    if entropy >= (1 - tol) * log_k: return 'uniform'
+    if images >= 8 and out_dim > 4 and kl_uniform >= log_k - math.log(2): return 'one_prototype'
+    return None
+
+def _agreed_collapse(state:str|None, device) -> str|None:
+    "The collapse state every process acts on: with several processes, collapsed if any process saw it (rank order)."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return state
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return next((s for s in states if s), None)
+
 # %% ../nbs/04_pretrain.ipynb #39c07efe
 _RUNTIME_KEYS = {'data_dir', 'list_2d', 'list_3d', 'on_error', 'cache_dir', 'num_workers', 'device', 'output_dir', 'save_every',
                  'epochs_per_run', 'resume', 'log_every', 'tensorboard', 'progress',
-                 'probe_every', 'probe_data', 'probe_task', 'grad_checkpointing', 'compile'}
+                 'probe_every', 'probe_data', 'probe_task', 'grad_checkpointing', 'compile',
+                 'collapse_warning', 'stop_on_collapse'}
 
 def build_backbone(cfg:PretrainConfig) -> nn.Module:
     "The student backbone of `cfg` (MiT with the dimensionalities the run needs)."
@@ -680,13 +704,14 @@ def _pretrain(cfg, datasets, rank, world, device):
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out/'config.yaml', yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    summary = None
+    summary, done, stopped, collapsed_in_a_row = None, start, None, 0
     probe = _online_probe(cfg) if main and cfg.probe_every else None
     try:
         for epoch in range(start, stop):
             d, loader = plan[epoch], loaders[plan[epoch]]
             sd.student.train()
             t0, sums, n = time.time(), {}, 0
+            tail = collections.deque(maxlen=max(1, iters[epoch] // 4))  # the monitors of the epoch's last quarter
             bar = tqdm(epoch_batches(loader, iters[epoch], cfg.seed, rank, epoch, cfg.epochs), total=iters[epoch],
                        desc=f"epoch {epoch + 1}/{cfg.epochs} ({d}D)", disable=not (main and cfg.progress), leave=False)
             for i, views in enumerate(bar):
@@ -700,6 +725,7 @@ def _pretrain(cfg, datasets, rank, world, device):
                                              f"{ckpt_path if ckpt_path.exists() else 'none yet'}") from None
                 for k, v in stats.items(): sums[k] = sums.get(k, 0.) + v
                 n += 1
+                if 'teacher_entropy' in stats: tail.append((stats['teacher_entropy'], stats['teacher_kl_uniform']))
                 if main and (it % cfg.log_every == 0 or i == iters[epoch] - 1):
                     run_log.log(dict(type='iter', epoch=epoch, iteration=it, dim=d, **stats, **hp, out_dim=cfg.out_dim,
                                     time=time.time()))
@@ -707,6 +733,15 @@ def _pretrain(cfg, datasets, rank, world, device):
                 it += 1
             summary = dict(type='epoch', epoch=epoch, iteration=it, dim=d, seconds=round(time.time() - t0, 2),
                            **{k: v / max(n, 1) for k, v in sums.items()})
+            state = _agreed_collapse(teacher_collapse(*np.mean(tail, 0), cfg.out_dim, batch[d]) if tail else None, device)
+            summary['collapse'] = state
+            collapsed_in_a_row = collapsed_in_a_row + 1 if state else 0
+            if state and main and cfg.collapse_warning:
+                h, kl = np.mean(tail, 0)
+                logger.warning("epoch %d (%dD): the teacher has collapsed (%s: entropy %.2f, KL to uniform %.2f, of log K = "
+                               "%.2f nats, over the epoch's last %d steps); the student learns little from it. Try a lower "
+                               "learning rate (lr%s), a larger batch or a slower teacher; README, 'Does pretraining learn?'",
+                               epoch, d, state, h, kl, math.log(cfg.out_dim), len(tail), '_3d' if d == 3 else '')
             run_log.log(summary)
             if probe is not None and (epoch + 1) % cfg.probe_every == 0:  # the teacher's frozen features, k-NN
                 run_log.log(dict(type='probe', epoch=epoch, iteration=it, **probe(sd.teacher.backbone)))
@@ -724,10 +759,17 @@ def _pretrain(cfg, datasets, rank, world, device):
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
                     copy_checkpoint(ckpt_path, out/f'checkpoint{epoch + 1:04d}.pth')
             _barrier()
+            done = epoch + 1
+            if cfg.stop_on_collapse and collapsed_in_a_row >= cfg.stop_on_collapse and done < cfg.epochs:
+                stopped = 'collapse'
+                if main: logger.error("stopping after epoch %d: %d collapsed epoch(s) in a row (stop_on_collapse=%d). %s is "
+                                      "kept; the same command resumes from it", epoch, collapsed_in_a_row,
+                                      cfg.stop_on_collapse, ckpt_path)
+                break
     finally: run_log.close()
-    result = dict(output_dir=out, checkpoint=ckpt_path, log=run_log.path, epoch=stop, iteration=it,
-                  finished=stop == cfg.epochs, last_epoch=summary)
-    if main and stop == cfg.epochs and ckpt_path.exists(): result['teacher'] = export_teacher(ckpt_path)
+    result = dict(output_dir=out, checkpoint=ckpt_path, log=run_log.path, epoch=done, iteration=it,
+                  finished=done == cfg.epochs, last_epoch=summary, stopped=stopped)
+    if main and done == cfg.epochs and ckpt_path.exists(): result['teacher'] = export_teacher(ckpt_path)
     _barrier()
     return result
 
