@@ -598,7 +598,7 @@ def teacher_collapse(entropy:float, # mean teacher entropy in nats (`teacher_ent
     if images >= 8 and out_dim > 4 and kl_uniform >= log_k - math.log(2): return 'one_prototype'
     return None
 
-def _agreed_collapse(state:str|None, device) -> str|None:
+def _agreed_collapse(state:str|None) -> str|None:
     "The collapse state every process acts on: with several processes, collapsed if any process saw it (rank order)."
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return state
     states = [None] * dist.get_world_size()
@@ -733,11 +733,11 @@ def _pretrain(cfg, datasets, rank, world, device):
                 it += 1
             summary = dict(type='epoch', epoch=epoch, iteration=it, dim=d, seconds=round(time.time() - t0, 2),
                            **{k: v / max(n, 1) for k, v in sums.items()})
-            state = _agreed_collapse(teacher_collapse(*np.mean(tail, 0), cfg.out_dim, batch[d]) if tail else None, device)
+            h, kl = np.mean(tail, 0) if tail else (math.nan, math.nan)
+            state = _agreed_collapse(teacher_collapse(h, kl, cfg.out_dim, batch[d]) if tail else None)
             summary['collapse'] = state
             collapsed_in_a_row = collapsed_in_a_row + 1 if state else 0
             if state and main and cfg.collapse_warning:
-                h, kl = np.mean(tail, 0)
                 logger.warning("epoch %d (%dD): the teacher has collapsed (%s: entropy %.2f, KL to uniform %.2f, of log K = "
                                "%.2f nats, over the epoch's last %d steps); the student learns little from it. Try a lower "
                                "learning rate (lr%s), a larger batch or a slower teacher; README, 'Does pretraining learn?'",
