@@ -7,6 +7,7 @@ Docs: https://unimiss.github.io/unimiss/mit.html.md"""
 # %% ../nbs/00_mit.ipynb #9ff6bd9e
 from __future__ import annotations
 import math
+import os
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -16,11 +17,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 # %% auto #0
-__all__ = ['CONV', 'CONV_T', 'INSTANCE_NORM', 'MIT_ARCHS', 'dim_key', 'tokens_to_map', 'map_to_tokens', 'ConvNormAct',
-           'resize_pos_embed', 'is_patchwise', 'conv_tokens', 'SpatialReductionAttention', 'DropPath', 'Mlp', 'Block',
-           'stage_strides', 'EncoderStage', 'maybe_checkpoint', 'run_blocks', 'DecoderStage', 'EncoderOutput',
-           'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple', 'mit_tiny', 'mit_small', 'mit_micro',
-           'compile_blocks']
+__all__ = ['CONV', 'CONV_T', 'INSTANCE_NORM', 'CPU_MATMUL_ENV', 'CPU_MATMUL_BACKENDS', 'ONEDNN_MIN_ROWS', 'MIT_ARCHS', 'dim_key',
+           'tokens_to_map', 'map_to_tokens', 'ConvNormAct', 'resize_pos_embed', 'onednn_matmul_available', 'cpu_matmul',
+           'set_cpu_matmul', 'linear', 'Linear', 'is_patchwise', 'conv_tokens', 'SpatialReductionAttention', 'DropPath',
+           'Mlp', 'Block', 'stage_strides', 'EncoderStage', 'maybe_checkpoint', 'run_blocks', 'DecoderStage',
+           'EncoderOutput', 'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple', 'mit_tiny', 'mit_small',
+           'mit_micro', 'compile_blocks']
 
 # %% ../nbs/00_mit.ipynb #45e283b8
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -89,6 +91,83 @@ def resize_pos_embed(pos_embed:torch.Tensor, # (1, 1 + prod(src_grid), C), CLS e
     grid = F.interpolate(grid, scale_factor=tuple((o + 0.1) / i for o, i in zip(dst_grid, src_grid)), mode=mode)
     return torch.cat([pos_embed[:, :num_prefix_tokens], map_to_tokens(grid)], dim=1)
 
+# %% ../nbs/00_mit.ipynb #b7e0a1c2
+CPU_MATMUL_ENV = 'UNIMISS_CPU_MATMUL'
+CPU_MATMUL_BACKENDS = ('onednn', 'torch')
+ONEDNN_MIN_ROWS = 128  # fewer rows (CLS tokens, a few images) gain nothing from a second library
+
+def onednn_matmul_available() -> bool:
+    "True when this torch build has oneDNN and the linear kernel `linear` uses."
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
+
+_CPU_MATMUL = []  # the choice once made: set_cpu_matmul, or the environment on first use
+
+def _check_backend(backend, what):
+    if backend not in CPU_MATMUL_BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, CPU_MATMUL_BACKENDS))}, got {backend!r}")
+    if backend == 'onednn' and not onednn_matmul_available():
+        raise ValueError(f"{what}='onednn' needs a torch build with oneDNN (torch.backends.mkldnn), which this one lacks")
+    return backend
+
+def cpu_matmul() -> str:
+    "How `linear` multiplies fp32 matrices on the CPU: 'onednn' or 'torch' (`set_cpu_matmul`, else `$UNIMISS_CPU_MATMUL`)."
+    if not _CPU_MATMUL:
+        env = os.environ.get(CPU_MATMUL_ENV)
+        _CPU_MATMUL.append(_check_backend(env, CPU_MATMUL_ENV) if env
+                           else 'onednn' if onednn_matmul_available() else 'torch')
+    return _CPU_MATMUL[0]
+
+def set_cpu_matmul(backend:str # 'onednn' (the default where available) or 'torch' (torch's own BLAS)
+                  ) -> str:
+    "Choose how `linear` multiplies fp32 matrices on the CPU; returns the previous choice."
+    previous = cpu_matmul()
+    _CPU_MATMUL[0] = _check_backend(backend, 'backend')
+    return previous
+
+def _onednn_mm(a, w_t, bias=None):
+    "`a @ w_t.T (+ bias)` in oneDNN; `a` (M, K) and `w_t` (N, K) contiguous"
+    return torch.ops.mkldnn._linear_pointwise(a, w_t, bias, 'none', [], '')
+
+class _OneDNNLinear(torch.autograd.Function):
+    "`F.linear` whose output and input gradient are oneDNN products; the weight gradient is torch's `mm`."
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return _onednn_mm(x2, weight.contiguous(), bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0]).contiguous()
+        gx = gw = gb = None
+        # oneDNN takes plain (row-major) operands: with transposed views it can fall back to slow reference kernels
+        if ctx.needs_input_grad[0]: gx = _onednn_mm(g, weight.t().contiguous()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]: gw = g.t().mm(x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]: gb = g.sum(0)
+        return gx, gw, gb
+
+def _cpu_autocast() -> bool:
+    try: return torch.is_autocast_enabled('cpu')
+    except TypeError: return torch.is_autocast_cpu_enabled()  # torch < 2.4
+
+def linear(x:torch.Tensor, # (..., in_features)
+           weight:torch.Tensor, # (out_features, in_features)
+           bias:torch.Tensor|None=None):
+    "`F.linear(x, weight, bias)`; on the CPU in fp32 with enough rows, its products in oneDNN (`cpu_matmul`)."
+    if (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and x.ndim >= 2
+            and (bias is None or bias.dtype == torch.float32) and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] > 0
+            and not _cpu_autocast() and not torch.compiler.is_compiling() and cpu_matmul() == 'onednn'):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+class Linear(nn.Linear):
+    "`nn.Linear` (same parameters, initialisation and state-dict keys) whose product runs through `linear`."
+    def forward(self, x): return linear(x, self.weight, self.bias)
+
+
 # %% ../nbs/00_mit.ipynb #aac52a55
 def is_patchwise(conv:nn.Module # a `nn.Conv2d/3d` or `nn.ConvTranspose2d/3d`
                 ) -> bool:
@@ -112,7 +191,7 @@ def conv_tokens(conv:nn.Module, # a conv or transposed conv over len(grid) dimen
     inner = lambda w: w.permute(0, *range(2, 2 + d), 1).reshape(w.shape[0], -1)  # (A, B, *k) -> (A, k···B)
     if isinstance(conv, nn.modules.conv._ConvTransposeNd):  # each token spreads over a k-patch of the output
         out = tuple(g * s for g, s in zip(grid, k))
-        y = F.linear(t, inner(conv.weight).t(), None if conv.bias is None else conv.bias.repeat(n_k))
+        y = linear(t, inner(conv.weight).t(), None if conv.bias is None else conv.bias.repeat(n_k))
         y = y.reshape(B, *grid, *k, -1).permute(0, *(a for i in range(d) for a in (1 + i, 1 + d + i)), 1 + 2 * d)
         return y.reshape(B, math.prod(out), -1), out
     out = tuple(g // s for g, s in zip(grid, k))  # a strided conv drops the remainder of an axis, so does this
@@ -120,7 +199,7 @@ def conv_tokens(conv:nn.Module, # a conv or transposed conv over len(grid) dimen
     if any(o * s != g for o, s, g in zip(out, k, grid)): x = x[(slice(None), *(slice(0, o * s) for o, s in zip(out, k)))]
     x = x.reshape(B, *(a for o, s in zip(out, k) for a in (o, s)), x.shape[-1])
     x = x.permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1).reshape(B, math.prod(out), -1)
-    return F.linear(x, inner(conv.weight), conv.bias), out
+    return linear(x, inner(conv.weight), conv.bias), out
 
 class SpatialReductionAttention(nn.Module):
     "Multi-head attention whose keys/values come from a conv-reduced token grid (CLS token kept aside)."
@@ -132,9 +211,9 @@ class SpatialReductionAttention(nn.Module):
         super().__init__()
         if dim % num_heads: raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.sr_ratio = num_heads, sr_ratio
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         if sr_ratio > 1:
             self.sr = nn.ModuleDict({dim_key(d): CONV[d](dim, dim, sr_ratio, sr_ratio, groups=dim if sr_depthwise else 1)
                                      for d in spatial_dims})
@@ -178,7 +257,7 @@ class Mlp(nn.Sequential):
     "Linear → GELU → Linear."
     def __init__(self, dim:int, hidden:int):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = Linear(dim, hidden), nn.GELU(), Linear(hidden, dim)
 
 class Block(nn.Module):
     "Pre-norm transformer block with spatial-reduction attention and stochastic depth."
@@ -232,7 +311,7 @@ class EncoderStage(nn.Module):
         self.pos_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1 + math.prod(g), dim))
                                            for k, g in self.pos_grids.items()})
         if cls_in is None: self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        else: self.cls_proj = nn.Linear(cls_in, dim)
+        else: self.cls_proj = Linear(cls_in, dim)
         dp = list(drop_path) or [0.] * depth
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims,
                                            sr_depthwise) for i in range(depth)])
@@ -282,7 +361,7 @@ class DecoderStage(nn.Module):
         self.up = nn.ModuleDict({dim_key(d): CONV_T[d](in_channels, dim, 2, 2) for d in dims})
         self.pos_embed = nn.ParameterDict({k: nn.Parameter(torch.zeros(1, 1 + math.prod(g), dim))
                                            for k, g in self.pos_grids.items()})
-        self.cls_proj = nn.Linear(in_channels, dim)
+        self.cls_proj = Linear(in_channels, dim)
         dp = list(drop_path) or [0.] * depth
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, sr_ratio, qkv_bias, dp[i], norm_eps, dims)
                                      for i in range(depth)])
