@@ -149,6 +149,8 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]: gb = g.sum(0)
         return gx, gw, gb
 
+_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling  # torch < 2.3: dynamo's
+
 def _cpu_autocast() -> bool:
     try: return torch.is_autocast_enabled('cpu')
     except TypeError: return torch.is_autocast_cpu_enabled()  # torch < 2.4
@@ -157,9 +159,10 @@ def linear(x:torch.Tensor, # (..., in_features)
            weight:torch.Tensor, # (out_features, in_features)
            bias:torch.Tensor|None=None):
     "`F.linear(x, weight, bias)`; on the CPU in fp32 with enough rows, its products in oneDNN (`cpu_matmul`)."
-    if (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and x.ndim >= 2
+    # under torch.compile the graph is inductor's to lower (first test: the rest need not be traced)
+    if (not _compiling() and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and x.ndim >= 2
             and (bias is None or bias.dtype == torch.float32) and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] > 0
-            and not _cpu_autocast() and not torch.compiler.is_compiling() and cpu_matmul() == 'onednn'):
+            and not _cpu_autocast() and cpu_matmul() == 'onednn'):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
