@@ -100,7 +100,7 @@ def onednn_matmul_available() -> bool:
     "True when this torch build has oneDNN and the linear kernel `linear` uses."
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
-_CPU_MATMUL = []  # the choice once made: set_cpu_matmul, or the environment on first use
+_cpu_matmul = None  # the choice once made: set_cpu_matmul, or the environment on first use
 
 def _check_backend(backend, what):
     if backend not in CPU_MATMUL_BACKENDS:
@@ -111,17 +111,18 @@ def _check_backend(backend, what):
 
 def cpu_matmul() -> str:
     "How `linear` multiplies fp32 matrices on the CPU: 'onednn' or 'torch' (`set_cpu_matmul`, else `$UNIMISS_CPU_MATMUL`)."
-    if not _CPU_MATMUL:
+    global _cpu_matmul
+    if _cpu_matmul is None:
         env = os.environ.get(CPU_MATMUL_ENV)
-        _CPU_MATMUL.append(_check_backend(env, CPU_MATMUL_ENV) if env
-                           else 'onednn' if onednn_matmul_available() else 'torch')
-    return _CPU_MATMUL[0]
+        _cpu_matmul = _check_backend(env, CPU_MATMUL_ENV) if env else 'onednn' if onednn_matmul_available() else 'torch'
+    return _cpu_matmul
 
 def set_cpu_matmul(backend:str # 'onednn' (the default where available) or 'torch' (torch's own BLAS)
                   ) -> str:
     "Choose how `linear` multiplies fp32 matrices on the CPU; returns the previous choice."
+    global _cpu_matmul
     previous = cpu_matmul()
-    _CPU_MATMUL[0] = _check_backend(backend, 'backend')
+    _cpu_matmul = _check_backend(backend, 'backend')
     return previous
 
 def _onednn_mm(a, w_t, bias=None):
