@@ -1,5 +1,5 @@
 "The oneDNN matrix products of `unimiss.mit.linear` on the CPU: same numbers as torch's, chosen by env or call."
-import os
+import ast, os
 import subprocess
 import sys
 
@@ -26,10 +26,15 @@ def test_environment_chooses_and_bad_value_names_the_variable():
     assert "UNIMISS_CPU_MATMUL must be one of 'onednn', 'torch', got 'mkl'" in bad.stderr
 
 
-@needs_onednn
-def test_default_is_onednn_where_available():
-    out = _run("from unimiss.mit import cpu_matmul; print(cpu_matmul())")
-    assert out.stdout.strip() == 'onednn'
+def test_default_follows_the_cpu_vendor():
+    "oneDNN by default only on AMD CPUs (measured faster there, slower on an Intel Xeon); the subprocess agrees."
+    assert [mit.default_cpu_matmul(v) for v in ('GenuineIntel', '', 'Apple M2')] == ['torch'] * 3
+    assert mit.default_cpu_matmul('AuthenticAMD') == ('onednn' if onednn_matmul_available() else 'torch')
+    out = _run("from unimiss.mit import cpu_matmul, cpu_vendor; print(repr((cpu_vendor(), cpu_matmul())))")
+    vendor, backend = ast.literal_eval(out.stdout.strip())
+    assert vendor == mit.cpu_vendor() and backend == mit.default_cpu_matmul(vendor)
+    forced = _run("from unimiss.mit import cpu_matmul; print(cpu_matmul())", UNIMISS_CPU_MATMUL='onednn')
+    if onednn_matmul_available(): assert forced.stdout.strip() == 'onednn'
 
 
 def _grads(model, x):

@@ -8,6 +8,7 @@ Docs: https://unimiss.github.io/unimiss/mit.html.md"""
 from __future__ import annotations
 import math
 import os
+import platform
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -18,11 +19,11 @@ import torch.utils.checkpoint
 
 # %% auto #0
 __all__ = ['CONV', 'CONV_T', 'INSTANCE_NORM', 'CPU_MATMUL_ENV', 'CPU_MATMUL_BACKENDS', 'ONEDNN_MIN_ROWS', 'MIT_ARCHS', 'dim_key',
-           'tokens_to_map', 'map_to_tokens', 'ConvNormAct', 'resize_pos_embed', 'onednn_matmul_available', 'cpu_matmul',
-           'set_cpu_matmul', 'linear', 'Linear', 'is_patchwise', 'conv_tokens', 'SpatialReductionAttention', 'DropPath',
-           'Mlp', 'Block', 'stage_strides', 'EncoderStage', 'maybe_checkpoint', 'run_blocks', 'DecoderStage',
-           'EncoderOutput', 'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple', 'mit_tiny', 'mit_small',
-           'mit_micro', 'compile_blocks']
+           'tokens_to_map', 'map_to_tokens', 'ConvNormAct', 'resize_pos_embed', 'onednn_matmul_available', 'cpu_vendor',
+           'default_cpu_matmul', 'cpu_matmul', 'set_cpu_matmul', 'linear', 'Linear', 'is_patchwise', 'conv_tokens',
+           'SpatialReductionAttention', 'DropPath', 'Mlp', 'Block', 'stage_strides', 'EncoderStage', 'maybe_checkpoint',
+           'run_blocks', 'DecoderStage', 'EncoderOutput', 'FeatureOutput', 'MiT', 'canonical_arch', 'size_multiple',
+           'mit_tiny', 'mit_small', 'mit_micro', 'compile_blocks']
 
 # %% ../nbs/00_mit.ipynb #45e283b8
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -100,6 +101,23 @@ def onednn_matmul_available() -> bool:
     "True when this torch build has oneDNN and the linear kernel `linear` uses."
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')
 
+def cpu_vendor() -> str:
+    "The x86 vendor string of this CPU ('AuthenticAMD', 'GenuineIntel', ...), '' where it cannot be read."
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('vendor_id'): return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    processor = platform.processor()  # Windows: '... AuthenticAMD'
+    return next((v for v in ('AuthenticAMD', 'GenuineIntel') if v in processor), '')
+
+def default_cpu_matmul(vendor:str|None=None # CPU vendor string; None reads this machine's (`cpu_vendor`)
+                      ) -> str:
+    "'onednn' on AMD CPUs, where MKL's fp32 products run below the AVX-512 rate, else 'torch' (see above)."
+    vendor = cpu_vendor() if vendor is None else vendor
+    return 'onednn' if vendor == 'AuthenticAMD' and onednn_matmul_available() else 'torch'
+
 _cpu_matmul = None  # the choice once made: set_cpu_matmul, or the environment on first use
 
 def _check_backend(backend, what):
@@ -114,10 +132,10 @@ def cpu_matmul() -> str:
     global _cpu_matmul
     if _cpu_matmul is None:
         env = os.environ.get(CPU_MATMUL_ENV)
-        _cpu_matmul = _check_backend(env, CPU_MATMUL_ENV) if env else 'onednn' if onednn_matmul_available() else 'torch'
+        _cpu_matmul = _check_backend(env, CPU_MATMUL_ENV) if env else default_cpu_matmul()
     return _cpu_matmul
 
-def set_cpu_matmul(backend:str # 'onednn' (the default where available) or 'torch' (torch's own BLAS)
+def set_cpu_matmul(backend:str # 'onednn' or 'torch' (torch's own BLAS); default `default_cpu_matmul()`
                   ) -> str:
     "Choose how `linear` multiplies fp32 matrices on the CPU; returns the previous choice."
     global _cpu_matmul
