@@ -64,6 +64,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from unimiss.mit import cpu_matmul, cpu_vendor
 from unimiss.pretrain import SelfDistillation, build_backbone, load_config
 from unimiss.ssl import DINOLoss, clip_gradients, ema_update, param_groups
 
@@ -271,7 +272,7 @@ def compare(sd, views, hp, a):
     if check: res['same_function_check'] = check
     res.update(first_step_loss=first_loss, s_per_step_all={k: [round(x, 3) for x in v] for k, v in wall.items()},
                cpu_s_per_step_all={k: [round(x, 3) for x in v] for k, v in cpu.items()},
-               loadavg_1min=[round(x, 2) for x in load], torch=torch.__version__)
+               loadavg_1min=[round(x, 2) for x in load], torch=torch.__version__, cpu_matmul=cpu_matmul(), cpu_vendor=cpu_vendor())
     if a.grad_checkpointing:
         res.update(ckpt_time_vs_unimiss=round(med['unimiss_ckpt'] / med['unimiss'], 3),
                    ckpt_time_vs_official=round(med['unimiss_ckpt'] / med['official'], 3))
