@@ -27,7 +27,7 @@ def test_environment_chooses_and_bad_value_names_the_variable():
 
 
 def test_default_follows_the_cpu_vendor():
-    "oneDNN by default only on AMD CPUs (measured faster there, slower on an Intel Xeon); the subprocess agrees."
+    "oneDNN by default only on AMD CPUs (measured faster there, no faster on an Intel Xeon); the subprocess agrees."
     assert [mit.default_cpu_matmul(v) for v in ('GenuineIntel', '', 'Apple M2')] == ['torch'] * 3
     assert mit.default_cpu_matmul('AuthenticAMD') == ('onednn' if onednn_matmul_available() else 'torch')
     out = _run("from unimiss.mit import cpu_matmul, cpu_vendor; print(repr((cpu_vendor(), cpu_matmul())))")
